@@ -23,6 +23,10 @@ COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
         "routet2i.training.tiny_models",
         "build tiny random-weight SD2.1 / SD3 / CLIP folders with the real architectures",
     ),
+    ("dev", "tiny-demo"): (
+        "routet2i.training.tiny_demo",
+        "one tiny SD2.1 and one tiny SD3 generation to PNGs (random weights: the images are noise)",
+    ),
     ("data", "build"): (
         "routet2i.training.data_build",
         "generate edge and cloud images for prompts and score them into a quality table",
