@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = device.add_subparsers(dest="device_command", metavar="SUBCOMMAND", parser_class=_Parser)
     dsub.required = True
     for name in ("add", "show", "list", "set-quota"):
-        dsub.add_parser(name).add_argument("rest", nargs=argparse.REMAINDER)
+        dsub.add_parser(name, help=f"device {name}").add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
