@@ -1,0 +1,377 @@
+"""gRPC client of the cloud endpoint (CONTRACTS.md section 4), built to fail fast and never pay twice.
+
+- Plain or TLS channels (optionally mTLS); the device token travels as ``authorization: Bearer <token>``.
+- One deadline per generation covers every attempt. UNAVAILABLE and DEADLINE_EXCEEDED are retried with
+  exponential backoff and full jitter, always with the SAME request_id, which the server uses as an
+  idempotency key: a retry after a lost response is not charged again.
+- A circuit breaker: after ``failures`` consecutive calls that could not reach the cloud it opens, and
+  calls fail at once (no network) for ``reset_s``; then one trial call is let through (half-open).
+- RESOURCE_EXHAUSTED with a ``google.rpc.QuotaFailure`` detail is `QuotaExhausted`; any other error maps to
+  `CloudUnavailable` (reason ``cloud_unavailable``) or `CloudRejected` (reason ``cloud_error``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from routet2i.cloud.v1 import cloud_pb2, cloud_pb2_grpc
+from routet2i.policy import QuotaInfo
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_MAX_MESSAGE = 64 * 1024 * 1024
+_LOOPBACK = ("localhost", "127.", "[::1]", "::1", "unix:", "ipv4:127.", "ipv6:[::1]")
+
+
+class CloudError(ConnectionError):
+    """The cloud did not produce an image. ``reason`` is the `GenerateResult.reason` of the fallback."""
+
+    reason = "cloud_error"
+
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, request_id: str = "", attempts: int = 0
+    ):
+        super().__init__(message)
+        self.code = code  # last gRPC status code (None: no call was made)
+        self.request_id = request_id  # the idempotency key the attempts used
+        self.attempts = attempts  # RPC attempts made
+
+
+class CloudUnavailable(CloudError):
+    """The cloud could not be reached in time (after retries), is overloaded, or the breaker is open."""
+
+    reason = "cloud_unavailable"
+
+
+class CloudRejected(CloudError):
+    """The cloud answered with an error that a retry would not fix (INVALID_ARGUMENT, UNAUTHENTICATED...)."""
+
+    reason = "cloud_error"
+
+
+class QuotaExhausted(CloudError):
+    """No cloud units left this period (RESOURCE_EXHAUSTED with a QuotaFailure detail)."""
+
+    reason = "quota_exhausted"
+
+    def __init__(self, message: str, *, quota: QuotaInfo | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.quota = quota  # the quota status, when the server sent one
+
+
+class CircuitBreaker:
+    """closed -> (``failures`` consecutive failures) -> open -> (``reset_s``) -> half-open: one trial call."""
+
+    def __init__(self, failures: int = 1, reset_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.failures = failures
+        self.reset_s = reset_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._consecutive = 0
+        self._opened_at: float | None = None
+        self._trial_in_flight = False
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            return "half-open" if self._clock() - self._opened_at >= self.reset_s else "open"
+
+    def would_allow(self) -> bool:
+        """Whether a call would be let through now (does not take the half-open trial slot)."""
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            return self._clock() - self._opened_at >= self.reset_s and not self._trial_in_flight
+
+    def allow(self) -> bool:
+        """Take permission for one call: always when closed, once per reset period when open."""
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self._clock() - self._opened_at >= self.reset_s and not self._trial_in_flight:
+                self._trial_in_flight = True
+                return True
+            return False
+
+    def release(self) -> None:
+        """Give back a half-open trial slot without a verdict (the call ended for another reason)."""
+        with self._lock:
+            self._trial_in_flight = False
+
+    def success(self) -> None:
+        with self._lock:
+            self._consecutive = 0
+            self._opened_at = None
+            self._trial_in_flight = False
+
+    def failure(self) -> None:
+        with self._lock:
+            self._consecutive += 1
+            self._trial_in_flight = False
+            if self._opened_at is not None or self._consecutive >= self.failures:
+                if self._opened_at is None:
+                    logger.warning("cloud unreachable: circuit breaker open for %.0f s", self.reset_s)
+                self._opened_at = self._clock()
+
+
+@dataclass
+class CloudCall:
+    """A successful cloud generation and what it cost."""
+
+    response: cloud_pb2.GenerateResponse  # the server's answer (PNG bytes, seed, quota, server timings)
+    attempts: int  # RPC attempts made (1 = no retry)
+    wall_seconds: float  # whole call, retries and backoff included
+
+    @property
+    def network_seconds(self) -> float:
+        """Wall time not spent queueing or generating on the server."""
+        r = self.response
+        return max(0.0, self.wall_seconds - r.queue_seconds - r.generate_seconds)
+
+
+def quota_from_proto(q: cloud_pb2.QuotaStatus) -> QuotaInfo:
+    return QuotaInfo(
+        limit=int(q.limit),
+        used=int(q.used),
+        remaining=int(q.remaining),
+        period=q.period,
+        period_end_unix=int(q.period_end_unix),
+        device_id=q.device_id,
+    )
+
+
+def _rich_status(err: grpc.RpcError) -> Any:
+    try:
+        from grpc_status import rpc_status
+
+        return rpc_status.from_call(err)  # type: ignore[arg-type]
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def parse_quota_failure(err: grpc.RpcError) -> tuple[bool, QuotaInfo | None, str]:
+    """(is a quota failure, quota status if sent as a detail, subject) from a RESOURCE_EXHAUSTED error."""
+    from google.rpc import error_details_pb2
+
+    status = _rich_status(err)
+    if status is None:
+        return False, None, ""
+    found, quota, subject = False, None, ""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            qf = error_details_pb2.QuotaFailure()
+            detail.Unpack(qf)
+            found = True
+            if qf.violations:
+                subject = qf.violations[0].subject
+        elif detail.Is(cloud_pb2.QuotaStatus.DESCRIPTOR):
+            qs = cloud_pb2.QuotaStatus()
+            detail.Unpack(qs)
+            quota = quota_from_proto(qs)
+    return found, quota, subject
+
+
+class CloudClient:
+    """Synchronous client of `routet2i.cloud.v1.CloudGeneration` with retries and a circuit breaker."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        *,
+        tls: bool = False,
+        ca_cert: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        deadline_s: float = 120.0,
+        attempt_timeout_s: float | None = None,
+        retries: int = 3,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 5.0,
+        breaker: CircuitBreaker | None = None,
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor | grpc.UnaryStreamClientInterceptor] = (),
+        options: Sequence[tuple[str, Any]] = (),
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not target or not isinstance(target, str):
+            raise ValueError(f"cloud target={target!r}: expected 'host:port'")
+        self.target = target
+        self.deadline_s = deadline_s
+        self.attempt_timeout_s = attempt_timeout_s
+        self.retries = retries
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.breaker = breaker or CircuitBreaker()
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        opts = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            *options,
+        ]
+        if tls:
+            read = lambda p: Path(p).expanduser().read_bytes() if p else None  # noqa: E731
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=read(ca_cert),
+                private_key=read(client_key),
+                certificate_chain=read(client_cert),
+            )
+            channel = grpc.secure_channel(target, creds, options=opts)
+        else:
+            if token and not target.startswith(_LOOPBACK):
+                logger.warning(
+                    "sending the device token to %s over a plaintext channel; set tls = true", target
+                )
+            channel = grpc.insecure_channel(target, options=opts)
+        self._channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+        self._raw_channel = channel
+        self._stub = cloud_pb2_grpc.CloudGenerationStub(self._channel)
+
+    def close(self) -> None:
+        self._raw_channel.close()
+
+    def __enter__(self) -> CloudClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def available(self) -> bool:
+        """False while the circuit breaker is open (the cloud is known to be down)."""
+        return self.breaker.would_allow()
+
+    def _backoff(self, attempt: int) -> float:
+        return self._rng.uniform(0.0, min(self.backoff_max_s, self.backoff_initial_s * (2**attempt)))
+
+    def _once(
+        self,
+        request: cloud_pb2.GenerateRequest,
+        timeout: float,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> cloud_pb2.GenerateResponse:
+        if on_progress is None:
+            return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+        stream = self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)
+        try:
+            for event in stream:
+                kind = event.WhichOneof("event")
+                if kind == "progress":
+                    on_progress(int(event.progress.step), int(event.progress.total_steps))
+                elif kind == "result":
+                    return event.result
+        except BaseException:
+            stream.cancel()
+            raise
+        raise CloudRejected("the cloud stream ended without a result", request_id=request.request_id)
+
+    def generate(
+        self,
+        request: cloud_pb2.GenerateRequest,
+        *,
+        on_progress: Callable[[int, int], None] | None = None,
+        deadline_s: float | None = None,
+    ) -> CloudCall:
+        """Generate in the cloud; raises a `CloudError` subclass when no image comes back.
+
+        ``on_progress(step, total_steps)`` switches to GenerateStream. ``deadline_s`` overrides the client's
+        total budget for this call.
+        """
+        if not request.request_id:
+            raise ValueError("request.request_id is empty: every cloud request needs an idempotency key")
+        rid = request.request_id
+        if not self.breaker.allow():
+            raise CloudUnavailable(
+                f"cloud {self.target} is unreachable (circuit breaker open); not trying", request_id=rid
+            )
+        budget = self.deadline_s if deadline_s is None else deadline_s
+        start = time.monotonic()
+        end = start + budget
+        attempt = 0
+        last_code: grpc.StatusCode | None = None
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            timeout = remaining if self.attempt_timeout_s is None else min(remaining, self.attempt_timeout_s)
+            try:
+                response = self._once(request, timeout, on_progress)
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+                last_code = code
+                if code in RETRYABLE:
+                    if attempt < self.retries:
+                        pause = self._backoff(attempt)
+                        if time.monotonic() + pause < end:
+                            logger.info(
+                                "cloud %s (attempt %d, %s); retrying in %.2f s",
+                                code.name,
+                                attempt + 1,
+                                rid,
+                                pause,
+                            )
+                            self._sleep(pause)
+                            attempt += 1
+                            continue
+                    break
+                self._raise_for(err, code, rid, attempt + 1)
+            except CloudError:
+                self.breaker.success()  # it answered
+                raise
+            except BaseException:  # e.g. the progress callback raised: no verdict on the cloud
+                self.breaker.release()
+                raise
+            self.breaker.success()
+            return CloudCall(response, attempt + 1, time.monotonic() - start)
+        self.breaker.failure()
+        raise CloudUnavailable(
+            f"cloud {self.target} unavailable after {attempt + 1} attempt(s) in {time.monotonic() - start:.2f} s "
+            f"(last status {last_code.name if last_code else 'none: deadline spent'})",
+            code=last_code,
+            request_id=rid,
+            attempts=attempt + 1,
+        )
+
+    def _raise_for(self, err: grpc.RpcError, code: grpc.StatusCode, rid: str, attempts: int) -> None:
+        details = err.details() if hasattr(err, "details") else str(err)
+        kw = {"code": code, "request_id": rid, "attempts": attempts}
+        self.breaker.success()  # the cloud is up: it answered with a status
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            is_quota, quota, subject = parse_quota_failure(err)
+            if is_quota:
+                raise QuotaExhausted(
+                    f"cloud quota exhausted for {subject or 'this device'}: {details}", quota=quota, **kw
+                )
+            raise CloudUnavailable(f"cloud overloaded: {details}", **kw)
+        raise CloudRejected(f"cloud refused the request ({code.name}): {details}", **kw)
+
+    def get_quota(self, timeout: float = 5.0) -> QuotaInfo:
+        """The device's quota now (not charged). Raises a `CloudError` subclass on failure."""
+        if not self.breaker.allow():
+            raise CloudUnavailable(f"cloud {self.target} is unreachable (circuit breaker open)")
+        try:
+            q = self._stub.GetQuota(cloud_pb2.GetQuotaRequest(), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+            if code in RETRYABLE:
+                self.breaker.failure()
+                raise CloudUnavailable(
+                    f"cloud {self.target} unavailable: {err.details()}", code=code
+                ) from None
+            self._raise_for(err, code, "", 1)
+            raise  # unreachable
+        self.breaker.success()
+        return quota_from_proto(q)

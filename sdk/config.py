@@ -1,0 +1,306 @@
+"""`routet2i.toml`: where the device finds its bundles, its cloud endpoint and its routing policy.
+
+Precedence, lowest to highest: the dataclass defaults, the TOML file, environment variables
+(``ROUTET2I_<FIELD>``, e.g. ``ROUTET2I_CLOUD=host:443``), then keyword arguments given in code. The device
+token is read from an environment variable only (``ROUTET2I_TOKEN`` unless ``token_env`` names another):
+a token written in the file is refused, so it never lands in a repository or a backup by accident.
+
+Example::
+
+    router = "bundles/router"            # relative paths are relative to this file
+    edge = "bundles/edge"
+
+    [cloud]
+    endpoint = "images.example.com:443"
+    tls = true
+    deadline_s = 90
+
+    [policy]
+    target_cloud_rate = 0.3
+    local_only_keywords = ["passport", "medical"]
+
+    [log]
+    decision_log = "~/.local/state/routet2i/decisions.jsonl"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from routet2i._errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "ROUTET2I_"
+DEFAULT_TOKEN_ENV = "ROUTET2I_TOKEN"
+
+
+def default_state_dir() -> Path:
+    """Where the device keeps its pacing state and decision log unless configured otherwise."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "routet2i"
+
+
+@dataclass
+class ClientConfig:
+    """Everything `EdgeClient` needs. Field names are the TOML keys (inside the section given in
+    ``_SECTIONS``) and, upper-cased after ``ROUTET2I_``, the environment variables."""
+
+    # --- bundles (top level of the TOML)
+    router: str | None = None  # router bundle folder (`routet2i export router`)
+    edge: str | None = None  # edge bundle folder (`routet2i export edge`)
+    providers: list[str] | None = None  # ONNX Runtime providers, best first; None: TensorRT -> CUDA -> CPU
+    # --- [cloud]
+    cloud: str | None = None  # "host:port" of the cloud endpoint; None: edge only
+    tls: bool = False  # TLS channel (system roots unless ca_cert is set)
+    ca_cert: str | None = None  # PEM file with the CA that signed the server's certificate
+    client_cert: str | None = None  # PEM client certificate for mTLS (with client_key)
+    client_key: str | None = None  # PEM client key for mTLS
+    token: str | None = None  # bearer token; from the environment (token_env) only, never from the file
+    token_env: str = DEFAULT_TOKEN_ENV  # environment variable holding the token
+    deadline_s: float = 120.0  # total time budget of one cloud generation, retries included
+    attempt_timeout_s: float | None = None  # per-attempt timeout; None: whatever is left of the deadline
+    retries: int = 3  # extra attempts on UNAVAILABLE / DEADLINE_EXCEEDED (same request_id)
+    backoff_initial_s: float = 0.2  # first backoff; doubles per attempt, full jitter
+    backoff_max_s: float = 5.0  # backoff cap
+    breaker_failures: int = 1  # consecutive failed calls that open the circuit breaker
+    breaker_reset_s: float = 30.0  # how long the breaker stays open before one trial call
+    stream: bool = True  # use GenerateStream (progress events) when a progress callback is given
+    # --- [policy]
+    target_cloud_rate: float | None = None  # wanted share of cloud generations; None: the bundle's default
+    pacing: bool = True  # quota-aware pacing: target min(rate, R/M) (ROUTET2I.md section 4)
+    pacing_min_requests: int = 5  # requests seen before the device trusts its own request rate
+    pacing_window_s: float = 7 * 86400.0  # how far back request times count for the rate estimate
+    local_only_patterns: list[str] = field(default_factory=list)  # regexes: a match keeps the prompt local
+    local_only_keywords: list[str] = field(default_factory=list)  # words (case-insensitive, whole word)
+    # --- [log]
+    decision_log: str | None = None  # JSONL decision log; None: <state dir>/decisions.jsonl; "": off
+    log_prompts: bool = False  # write prompt text into the decision log
+    state_file: str | None = None  # pacing + quota state; None: <state dir>/state.json; "": in memory only
+    # --- [generation] defaults for generate() arguments left unset
+    num_inference_steps: int | None = None  # None: the edge bundle's / server's default
+    guidance_scale: float | None = None  # None: the pipeline default
+    width: int | None = None  # None: the pipeline default
+    height: int | None = None  # None: the pipeline default
+    negative_prompt: str = ""  # default negative prompt
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UsageError naming the field, its value and what is allowed."""
+        if self.target_cloud_rate is not None and not (
+            isinstance(self.target_cloud_rate, (int, float)) and 0.0 <= self.target_cloud_rate <= 1.0
+        ):
+            raise UsageError(f"target_cloud_rate={self.target_cloud_rate!r}: must be a number in [0, 1]")
+        for name in (
+            "deadline_s",
+            "backoff_initial_s",
+            "backoff_max_s",
+            "breaker_reset_s",
+            "pacing_window_s",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise UsageError(f"{name}={value!r}: must be a positive number of seconds")
+        if self.attempt_timeout_s is not None and not self.attempt_timeout_s > 0:
+            raise UsageError(f"attempt_timeout_s={self.attempt_timeout_s!r}: must be > 0 or unset")
+        for name in ("retries", "pacing_min_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise UsageError(f"{name}={value!r}: must be an integer >= 0")
+        if not isinstance(self.breaker_failures, int) or self.breaker_failures < 1:
+            raise UsageError(f"breaker_failures={self.breaker_failures!r}: must be an integer >= 1")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise UsageError("client_cert and client_key: give both (mTLS) or neither")
+        for name in ("local_only_patterns", "local_only_keywords"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UsageError(f"{name}={value!r}: must be a list of strings")
+        if self.providers is not None and (
+            not isinstance(self.providers, list) or not all(isinstance(p, str) for p in self.providers)
+        ):
+            raise UsageError(f"providers={self.providers!r}: must be a list of provider names")
+
+    def resolved_decision_log(self) -> Path | None:
+        if self.decision_log == "":
+            return None
+        return (
+            Path(self.decision_log).expanduser()
+            if self.decision_log
+            else default_state_dir() / "decisions.jsonl"
+        )
+
+    def resolved_state_file(self) -> Path | None:
+        if self.state_file == "":
+            return None
+        return Path(self.state_file).expanduser() if self.state_file else default_state_dir() / "state.json"
+
+
+# TOML section of each field (None: top level). Keys outside this map are rejected with the list.
+_SECTIONS: dict[str, str | None] = {
+    "router": None,
+    "edge": None,
+    "providers": None,
+    "cloud": "cloud",
+    "tls": "cloud",
+    "ca_cert": "cloud",
+    "client_cert": "cloud",
+    "client_key": "cloud",
+    "token_env": "cloud",
+    "deadline_s": "cloud",
+    "attempt_timeout_s": "cloud",
+    "retries": "cloud",
+    "backoff_initial_s": "cloud",
+    "backoff_max_s": "cloud",
+    "breaker_failures": "cloud",
+    "breaker_reset_s": "cloud",
+    "stream": "cloud",
+    "target_cloud_rate": "policy",
+    "pacing": "policy",
+    "pacing_min_requests": "policy",
+    "pacing_window_s": "policy",
+    "local_only_patterns": "policy",
+    "local_only_keywords": "policy",
+    "decision_log": "log",
+    "log_prompts": "log",
+    "state_file": "log",
+    "num_inference_steps": "generation",
+    "guidance_scale": "generation",
+    "width": "generation",
+    "height": "generation",
+    "negative_prompt": "generation",
+}
+# Inside [cloud] the endpoint is spelled `endpoint` (the field is `cloud`).
+_CLOUD_ENDPOINT_KEY = "endpoint"
+# Fields holding paths: relative values in a TOML file are relative to the file's folder.
+_PATH_FIELDS = ("router", "edge", "ca_cert", "client_cert", "client_key", "decision_log", "state_file")
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _flatten(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """TOML document -> {field: value}, refusing unknown keys and a token in the file."""
+    out: dict[str, Any] = {}
+    sections = {s for s in _SECTIONS.values() if s is not None}
+    for key, value in doc.items():
+        if key in sections and isinstance(value, dict):
+            for sub, subval in value.items():
+                name = "cloud" if (key == "cloud" and sub == _CLOUD_ENDPOINT_KEY) else sub
+                if name == "token":
+                    raise UsageError(
+                        f"{path}: [{key}] token: the token is never read from a file; "
+                        f"export {DEFAULT_TOKEN_ENV}=... (or set token_env) instead"
+                    )
+                if _SECTIONS.get(name) != key or (key == "cloud" and sub == "cloud"):
+                    allowed = sorted(
+                        (_CLOUD_ENDPOINT_KEY if (f == "cloud") else f)
+                        for f, s in _SECTIONS.items()
+                        if s == key
+                    )
+                    raise UsageError(f"{path}: unknown key [{key}] {sub!r}; allowed: {', '.join(allowed)}")
+                out[name] = subval
+        else:
+            if key == "token":
+                raise UsageError(
+                    f"{path}: token: the token is never read from a file; export {DEFAULT_TOKEN_ENV}=... instead"
+                )
+            if key not in _SECTIONS or _SECTIONS[key] is not None:
+                top = sorted(f for f, s in _SECTIONS.items() if s is None)
+                raise UsageError(
+                    f"{path}: unknown top-level key {key!r}; allowed: {', '.join(top)} "
+                    f"and the sections {', '.join(sorted(sections))}"
+                )
+            out[key] = value
+    for name in _PATH_FIELDS:
+        value = out.get(name)
+        if isinstance(value, str) and value:
+            p = Path(value).expanduser()
+            out[name] = str(p if p.is_absolute() else (path.parent / p))
+    return out
+
+
+def _parse_env(name: str, raw: str, f: dataclasses.Field) -> Any:
+    """Parse an environment variable by the field's declared type."""
+    var = ENV_PREFIX + name.upper()
+    kind = str(f.type)
+    try:
+        if kind.startswith("bool"):
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind.startswith("list"):
+            return [s.strip() for s in raw.split(",") if s.strip()]
+        if "None" in kind and raw.strip() == "":
+            return None
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise UsageError(f"environment variable {var}={raw!r}: not a valid {kind}") from None
+    return raw
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(ClientConfig):
+        if f.name in ("token", "token_env"):
+            continue
+        var = ENV_PREFIX + f.name.upper()
+        if var in environ:
+            out[f.name] = _parse_env(f.name, environ[var], f)
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> ClientConfig:
+    """Build a `ClientConfig` from ``path`` (optional), the environment and ``overrides``.
+
+    ``overrides`` set to None are ignored, so CLI flags can be passed straight through.
+    """
+    env = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path).expanduser()
+        values.update(_flatten(_load_toml(p), p))
+        logger.info("config: read %s", p)
+    values.update(_from_env(env))
+    known = {f.name for f in dataclasses.fields(ClientConfig)}
+    for key, value in overrides.items():
+        if key not in known:
+            raise UsageError(f"unknown config option {key!r}; allowed: {', '.join(sorted(known))}")
+        if value is not None:
+            values[key] = value
+    token_env = values.get("token_env", DEFAULT_TOKEN_ENV)
+    if "token" not in overrides or overrides.get("token") is None:
+        values["token"] = env.get(token_env) or None
+    try:
+        return ClientConfig(**values)
+    except TypeError as exc:  # a wrongly typed value the dataclass could not take
+        raise UsageError(f"bad config: {exc}") from None

@@ -1,0 +1,165 @@
+"""Routing policy, quota-aware pacing, state file, decision log and config loading (no models needed)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from routet2i._errors import UsageError
+from routet2i.config import load_config
+from routet2i.decision_log import DecisionLog, read_decisions
+from routet2i.policy import CalibrationTable, DeviceState, LocalOnlyRules, QuotaInfo, RoutingPolicy
+
+ROUTING = {
+    "calibration": [{"rate": 0.1, "alpha": 0.2}, {"rate": 0.3, "alpha": 0.4}, {"rate": 0.5, "alpha": 0.5}],
+    "target_rate": 0.3,
+    "alpha": 0.4,
+}
+
+
+def test_calibration_interpolates_and_thins_below_first_row():
+    t = CalibrationTable.from_routing(ROUTING)
+    assert t.alpha(0.3) == (0.4, 1.0)
+    assert t.alpha(0.2)[0] == pytest.approx(0.3)
+    assert t.alpha(0.9) == (0.5, 1.0)
+    assert t.alpha(0.0) == (0.0, 1.0)
+    alpha, keep = t.alpha(0.05)
+    assert alpha == 0.2 and keep == pytest.approx(0.5)
+    with pytest.raises(UsageError, match="rate"):
+        t.alpha(1.5)
+
+
+def test_router_decision_and_overrides():
+    p = RoutingPolicy(ROUTING, 0.3, pacing=False, local_only=LocalOnlyRules([r"\d{3}-\d{4}"], ["passport"]))
+    assert p.decide("a fox", 0.39).route == "cloud"
+    d = p.decide("a fox", 0.41)
+    assert (d.route, d.reason, d.alpha) == ("edge", "router", 0.4)
+    assert p.decide("a fox", 0.1, force="edge").reason == "forced"
+    assert (p.decide("a fox", 0.9, force="cloud").route, p.decide("a fox", 0.9, force="cloud").reason) == (
+        "cloud",
+        "forced",
+    )
+    d = p.decide("my PASSPORT photo", 0.1, force="cloud")
+    assert (d.route, d.reason) == ("edge", "local_only")
+    assert p.decide("call 555-1234", 0.1).reason == "local_only"
+    assert p.decide("passports", 0.1).reason == "router"  # whole words only
+    assert p.decide("a fox", 0.1, local_only=True).reason == "local_only"
+    d = p.decide("a fox", 0.1, cloud_open=False)
+    assert (d.route, d.reason) == ("edge", "cloud_unavailable")
+    with pytest.raises(UsageError, match="force"):
+        p.decide("a fox", 0.1, force="gpu")
+
+
+def test_pacing_targets_remaining_over_expected(tmp_path):
+    now = 1_000_000.0
+    state = DeviceState(tmp_path / "s.json")
+    for i in range(10):  # one request every 100 s
+        state.record_request(now - 1000 + 100 * i)
+    # 20 units left, period ends in 10000 s -> M = 10/1000*10000 = 100 requests, R/M = 0.2
+    state.set_quota(
+        QuotaInfo(limit=50, used=30, remaining=20, period="day", period_end_unix=int(now) + 10000)
+    )
+    p = RoutingPolicy(ROUTING, 0.3, state=state)
+    rho, m = p.paced_rate(now)
+    assert m == pytest.approx(100.0)
+    assert rho == pytest.approx(0.2)
+    d = p.decide("a fox", 0.31, now=now)  # alpha(0.2) = 0.3: 0.31 stays on the edge
+    assert (d.route, d.alpha, d.paced_rate) == ("edge", pytest.approx(0.3), pytest.approx(0.2))
+    # plenty of quota: the configured rate wins
+    state.set_quota(
+        QuotaInfo(limit=500, used=0, remaining=500, period="day", period_end_unix=int(now) + 10000)
+    )
+    assert p.paced_rate(now)[0] == 0.3
+    # the state survives a restart
+    again = DeviceState(tmp_path / "s.json")
+    assert len(again.request_times) == 10 and again.quota.remaining == 500
+    # too few requests seen: no pacing
+    fresh = RoutingPolicy(ROUTING, 0.3, state=DeviceState(None))
+    fresh.state.set_quota(
+        QuotaInfo(limit=5, used=4, remaining=1, period="day", period_end_unix=int(now) + 10000)
+    )
+    assert fresh.paced_rate(now) == (0.3, None)
+
+
+def test_exhausted_quota_is_remembered_until_period_end(tmp_path):
+    now = 1_000_000.0
+    state = DeviceState(tmp_path / "s.json")
+    state.set_quota(
+        QuotaInfo(limit=2, used=2, remaining=0, period="day", period_end_unix=int(now) + 50), now=now
+    )
+    p = RoutingPolicy(ROUTING, 0.3, state=state)
+    d = p.decide("a fox", 0.1, force="cloud", now=now + 10)
+    assert (d.route, d.reason) == ("edge", "quota_exhausted")
+    assert p.decide("a fox", 0.1, now=now + 10).reason == "quota_exhausted"
+    assert p.decide("a fox", 0.45, now=now + 10).reason == "router"  # would not have gone to the cloud
+    assert DeviceState(tmp_path / "s.json").is_exhausted(now + 10)
+    assert p.decide("a fox", 0.1, force="cloud", now=now + 60).route == "cloud"
+
+
+def test_thinning_keeps_expected_rate():
+    p = RoutingPolicy(
+        {"calibration": [{"rate": 0.2, "alpha": 0.3}]}, 0.05, pacing=False, rng=random.Random(0)
+    )
+    n = sum(p.decide("x", 0.1).route == "cloud" for _ in range(4000))
+    assert 0.2 < n / 4000 < 0.3  # keep = 0.05 / 0.2 = 0.25 of the prompts under alpha
+
+
+def test_state_file_is_written_atomically_and_corrupt_file_tolerated(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("{not json")
+    s = DeviceState(path)
+    assert s.request_times == []
+    s.record_request(5.0)
+    assert json.loads(path.read_text())["request_times"] == [5.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left behind
+
+
+def test_decision_log_omits_prompt_unless_enabled(tmp_path):
+    log = DecisionLog(tmp_path / "d.jsonl")
+    log.append({"route": "edge", "alpha": float("nan")}, prompt="secret fox")
+    DecisionLog(tmp_path / "d.jsonl", log_prompts=True).append({"route": "cloud"}, prompt="open fox")
+    recs = read_decisions(tmp_path / "d.jsonl")
+    assert "prompt" not in recs[0] and recs[0]["prompt_chars"] == 10 and recs[0]["alpha"] is None
+    assert recs[1]["prompt"] == "open fox"
+    assert "secret" not in (tmp_path / "d.jsonl").read_text()
+
+
+def test_config_file_env_and_token(tmp_path):
+    cfg = tmp_path / "routet2i.toml"
+    cfg.write_text(
+        'router = "b/router"\nedge = "/abs/edge"\n[cloud]\nendpoint = "h:1"\ndeadline_s = 9\n'
+        '[policy]\ntarget_cloud_rate = 0.4\nlocal_only_keywords = ["medical"]\n'
+    )
+    env = {"ROUTET2I_TOKEN": "t0k", "ROUTET2I_CLOUD": "env:2", "ROUTET2I_TLS": "true"}
+    c = load_config(cfg, environ=env)
+    assert c.router == str(tmp_path / "b" / "router") and c.edge == "/abs/edge"
+    assert (c.cloud, c.tls, c.deadline_s, c.token) == ("env:2", True, 9, "t0k")
+    assert c.target_cloud_rate == 0.4 and c.local_only_keywords == ["medical"]
+    assert load_config(cfg, environ=env, target_cloud_rate=0.1).target_cloud_rate == 0.1
+    assert load_config(cfg, environ={}).token is None
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('[cloud]\ntoken = "abc"\n', "never read from a file"),
+        ('token = "abc"\n', "never read from a file"),
+        ("[cloud]\ndeadline = 3\n", "unknown key"),
+        ('routerr = "x"\n', "unknown top-level key"),
+        ("[policy]\ntarget_cloud_rate = 2\n", "target_cloud_rate=2"),
+        ("router = \n", "not valid TOML"),
+    ],
+)
+def test_config_errors(tmp_path, text, match):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(UsageError, match=match):
+        load_config(cfg, environ={})
+
+
+def test_config_env_bad_value():
+    with pytest.raises(UsageError, match="ROUTET2I_DEADLINE_S"):
+        load_config(None, environ={"ROUTET2I_DEADLINE_S": "soon"})
+    with pytest.raises(UsageError, match="does not exist"):
+        load_config("/nonexistent/routet2i.toml", environ={})
