@@ -155,3 +155,14 @@ def test_cli_force_replaces(tmp_path: Path) -> None:
     assert main(["dev", "tiny-models", "--out", str(out), "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["clip", "cloud-sd3", "edge-sd21"]
     assert [p.name for p in tmp_path.iterdir()] == ["models"]
+
+
+def test_tiny_demo_writes_two_pngs(tiny_models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from PIL import Image
+    from routet2i.training.cli import main
+
+    models = tiny_models["edge-sd21"].parent
+    assert main(["dev", "tiny-demo", "--out", str(tmp_path), "--models", str(models)]) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+    for name in ("edge_sd21.png", "cloud_sd3.png"):
+        assert Image.open(tmp_path / name).size == (64, 64)
