@@ -6,6 +6,26 @@ file, network connection or client.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["AsyncEdgeClient", "EdgeClient", "GenerateResult", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from routet2i.client import AsyncEdgeClient, EdgeClient, GenerateResult
+
+# Exported lazily (PEP 562): `import routet2i` stays light; onnxruntime, grpc, PIL load on first use.
+_LAZY = {
+    "EdgeClient": "routet2i.client",
+    "AsyncEdgeClient": "routet2i.client",
+    "GenerateResult": "routet2i.client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'routet2i' has no attribute {name!r}")

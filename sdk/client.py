@@ -1,0 +1,503 @@
+"""`EdgeClient`: route each prompt to the on-device SD2.1 (ONNX) or the cloud SD3 (gRPC), and fall back.
+
+    from routet2i import EdgeClient
+    client = EdgeClient(router="bundle/router", edge="bundle/edge", cloud="host:port", token="...",
+                        target_cloud_rate=0.3)          # or EdgeClient.from_config("routet2i.toml")
+    result = client.generate("a red fox in the snow", seed=0, num_inference_steps=20)
+
+One call: the ONNX router predicts PRS^ (section 4 of ROUTET2I.md: the edge is predicted better when PRS^ is
+high), the policy (`routet2i.policy`) decides with alpha for the (quota-paced) target cloud rate, the image
+is generated where decided, and a cloud failure falls back to the edge with the reason in the result.
+Every decision is appended to the decision log. `AsyncEdgeClient` is the asyncio twin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from routet2i._errors import UsageError
+from routet2i.config import ClientConfig, load_config
+from routet2i.decision_log import DecisionLog
+from routet2i.policy import DeviceState, LocalOnlyRules, QuotaInfo, RoutingPolicy, exhaustion_end
+
+if TYPE_CHECKING:  # pragma: no cover
+    import grpc
+    from PIL import Image
+    from routet2i.cloud_client import CloudClient
+
+logger = logging.getLogger(__name__)
+
+_QUOTA_REFRESH_S = 300.0  # at most one GetQuota per this many seconds when pacing needs a fresh quota
+_MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class ProgressEvent:
+    """One progress report of a generation, edge denoising step or cloud stream event."""
+
+    route: str  # "edge" | "cloud"
+    step: int  # steps done so far
+    total_steps: int  # steps in this generation
+    request_id: str  # the generation this belongs to
+
+
+@dataclass
+class GenerateResult:
+    """What `EdgeClient.generate` returns (CONTRACTS.md section 5)."""
+
+    image: Image.Image  # the generated image
+    route: str  # where it was generated: "edge" | "cloud"
+    reason: str  # why: router | forced | quota_exhausted | cloud_unavailable | cloud_error | local_only
+    prs: float | None  # PRS^ predicted by the router (None without a router)
+    alpha: float | None  # threshold in force: cloud iff PRS^ < alpha
+    timings: dict[str, float]  # seconds per stage: route, queue, generate, network, total
+    quota: dict[str, Any] | None  # cloud quota after the call, when known (limit, used, remaining, ...)
+    seed: int  # seed the image was generated with
+    request_id: str  # idempotency key (also in the decision log and the server's logs)
+    width: int  # image width in pixels
+    height: int  # image height in pixels
+    model: str  # what generated it: the edge bundle's folder name or the server's model name
+    target_rate: float | None = None  # configured cloud rate rho_r
+    paced_rate: float | None = None  # rate actually targeted after quota-aware pacing
+    cloud_attempts: int = 0  # gRPC attempts made for this request
+    cloud_error: str | None = None  # why the cloud did not deliver, when it was tried and failed
+    metric_scores: list[float] = field(default_factory=list)  # router's per-metric scores
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field except the image (JSON-safe)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}
+        for k in ("prs", "alpha"):
+            if isinstance(d.get(k), float) and not math.isfinite(d[k]):
+                d[k] = None
+        return d
+
+
+def _round(x: float) -> float:
+    return round(float(x), 6)
+
+
+class EdgeClient:
+    """Routes prompts between the device and the cloud. Thread-safe; edge generations run one at a time."""
+
+    def __init__(
+        self,
+        router: str | Path | None = None,
+        edge: str | Path | None = None,
+        cloud: str | None = None,
+        token: str | None = None,
+        target_cloud_rate: float | None = None,
+        *,
+        config: ClientConfig | None = None,
+        cloud_interceptors: tuple[grpc.UnaryUnaryClientInterceptor, ...] = (),
+        rng: random.Random | None = None,
+        **options: Any,
+    ) -> None:
+        """Either the bundles and endpoint as arguments (plus any `ClientConfig` field in ``options``), or a
+        ready ``config``. Bundles are loaded (and their manifests verified) here, once."""
+        if config is None:
+            given = {"router": router, "edge": edge, "cloud": cloud, "token": token}
+            given["target_cloud_rate"] = target_cloud_rate
+            known = set(ClientConfig.__dataclass_fields__)
+            bad = sorted(set(options) - known)
+            if bad:
+                raise UsageError(f"unknown EdgeClient option(s) {bad}; allowed: {', '.join(sorted(known))}")
+            config = ClientConfig(
+                **{k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()}, **options
+            )
+        elif any(v is not None for v in (router, edge, cloud, token, target_cloud_rate)) or options:
+            raise UsageError("pass either config=... or the individual options, not both")
+        self.config = config
+        self._rng = rng or random.Random()
+        self._edge_lock = threading.Lock()
+        self._quota_checked = 0.0
+
+        self.router = None
+        routing = None
+        if config.router:
+            from routet2i.router_runtime import RouterSession
+
+            self.router = RouterSession(config.router, providers=config.providers)
+            routing = self.router.routing
+        self.edge = None
+        if config.edge:
+            from routet2i.edge_pipeline import EdgePipeline
+
+            self.edge = EdgePipeline(config.edge, providers=config.providers)
+        self.state = DeviceState(config.resolved_state_file())
+        self.policy = RoutingPolicy(
+            routing,
+            config.target_cloud_rate,
+            pacing=config.pacing,
+            pacing_window_s=config.pacing_window_s,
+            pacing_min_requests=config.pacing_min_requests,
+            local_only=LocalOnlyRules(config.local_only_patterns, config.local_only_keywords),
+            state=self.state,
+            rng=self._rng,
+        )
+        self.decisions = DecisionLog(config.resolved_decision_log(), config.log_prompts)
+        self.cloud: CloudClient | None = None
+        if config.cloud:
+            from routet2i.cloud_client import CircuitBreaker, CloudClient
+
+            self.cloud = CloudClient(
+                config.cloud,
+                config.token,
+                tls=config.tls,
+                ca_cert=config.ca_cert,
+                client_cert=config.client_cert,
+                client_key=config.client_key,
+                deadline_s=config.deadline_s,
+                attempt_timeout_s=config.attempt_timeout_s,
+                retries=config.retries,
+                backoff_initial_s=config.backoff_initial_s,
+                backoff_max_s=config.backoff_max_s,
+                breaker=CircuitBreaker(config.breaker_failures, config.breaker_reset_s),
+                interceptors=cloud_interceptors,
+                rng=self._rng,
+            )
+        self._router_version = str((routing or {}).get("router_version", ""))
+        logger.info(
+            "EdgeClient ready: router=%s edge=%s cloud=%s target_cloud_rate=%s",
+            config.router,
+            config.edge,
+            config.cloud,
+            self.policy.target_rate,
+        )
+
+    @classmethod
+    def from_config(cls, path: str | Path | None = None, **overrides: Any) -> EdgeClient:
+        """Read ``routet2i.toml`` (environment variables override it; ``overrides`` override both)."""
+        interceptors = overrides.pop("cloud_interceptors", ())
+        return cls(config=load_config(path, **overrides), cloud_interceptors=interceptors)
+
+    def close(self) -> None:
+        if self.cloud is not None:
+            self.cloud.close()
+
+    def __enter__(self) -> EdgeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- quota
+
+    def quota(self) -> QuotaInfo | None:
+        """The last quota the cloud reported (may be stale), or None."""
+        return self.state.quota
+
+    def refresh_quota(self, timeout: float = 5.0) -> QuotaInfo | None:
+        """Ask the cloud for the device's quota now (not charged); None when it cannot be reached."""
+        if self.cloud is None:
+            return None
+        from routet2i.cloud_client import CloudError
+
+        self._quota_checked = time.time()
+        try:
+            q = self.cloud.get_quota(timeout=timeout)
+        except CloudError as exc:
+            logger.info("GetQuota failed: %s", exc)
+            return None
+        self.state.set_quota(q)
+        return q
+
+    def _maybe_refresh_quota(self, now: float) -> None:
+        """Pacing needs R: fetch it when unknown or from a finished period, at most every few minutes."""
+        if not (self.config.pacing and self.cloud is not None and self.policy.target_rate):
+            return
+        q = self.state.quota
+        if q is not None and q.current(now):
+            return
+        if now - self._quota_checked < _QUOTA_REFRESH_S or not self.cloud.available:
+            return
+        self.refresh_quota(timeout=min(5.0, self.config.deadline_s))
+
+    # --- generation
+
+    def _check_args(
+        self, prompt: Any, seed: Any, steps: Any, guidance: Any, width: Any, height: Any, force: Any
+    ) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError(f"prompt={prompt!r}: must be a non-empty string")
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED):
+            raise UsageError(f"seed={seed!r}: must be an integer in [0, {_MAX_SEED}]")
+        if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= 1000):
+            raise UsageError(f"num_inference_steps={steps!r}: must be an integer in [1, 1000]")
+        if guidance is not None and (not isinstance(guidance, (int, float)) or not math.isfinite(guidance)):
+            raise UsageError(f"guidance_scale={guidance!r}: must be a finite number")
+        for name, v in (("width", width), ("height", height)):
+            if v is not None and (not isinstance(v, int) or v <= 0 or v % 8):
+                raise UsageError(f"{name}={v!r}: must be a positive multiple of 8")
+        if force not in (None, "edge", "cloud"):
+            raise UsageError(f"force={force!r}: must be 'edge', 'cloud' or None")
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        force: str | None = None,
+        local_only: bool = False,
+        progress: Callable[[ProgressEvent], None] | None = None,
+        deadline_s: float | None = None,
+    ) -> GenerateResult:
+        """Route and generate one image. Arguments left None take the config's defaults, then the pipeline's.
+
+        ``force`` "edge"/"cloud" skips the router's decision; ``local_only`` keeps this prompt on the device.
+        ``progress`` receives a `ProgressEvent` per edge denoising step and per cloud stream event (from this
+        thread). ``deadline_s`` overrides the cloud time budget for this call.
+        """
+        cfg = self.config
+        steps = num_inference_steps if num_inference_steps is not None else cfg.num_inference_steps
+        guidance = guidance_scale if guidance_scale is not None else cfg.guidance_scale
+        width = width if width is not None else cfg.width
+        height = height if height is not None else cfg.height
+        negative = negative_prompt if negative_prompt is not None else cfg.negative_prompt
+        self._check_args(prompt, seed, steps, guidance, width, height, force)
+        request_id = uuid.uuid4().hex
+        if seed is None:
+            seed = self._rng.randint(0, _MAX_SEED)
+        t_start = time.perf_counter()
+
+        prs, scores = None, []
+        if self.router is not None:
+            out_prs, out_scores = self.router.predict_one(prompt)
+            prs = float(out_prs)
+            scores = [float(s) for s in list(out_scores)]
+        t_route = time.perf_counter() - t_start
+        now = time.time()
+        self._maybe_refresh_quota(now)
+        self.state.record_request(now)
+        decision = self.policy.decide(
+            prompt,
+            prs,
+            force=force,
+            local_only=local_only,
+            cloud_configured=self.cloud is not None,
+            cloud_open=self.cloud.available if self.cloud is not None else False,
+            now=now,
+        )
+        route, reason = decision.route, decision.reason
+        timings = {"route": t_route, "queue": 0.0, "generate": 0.0, "network": 0.0}
+        image = None
+        model = ""
+        attempts = 0
+        cloud_error = None
+        quota = self.state.quota
+
+        if route == "cloud":
+            assert self.cloud is not None
+            from routet2i.cloud_client import CloudError, QuotaExhausted
+
+            req = self._cloud_request(
+                request_id, prompt, negative, steps, guidance, width, height, seed, decision
+            )
+            cb = None
+            if progress is not None and cfg.stream:
+                cb = lambda s, t: progress(ProgressEvent("cloud", s, t, request_id))  # noqa: E731
+            t_cloud = time.perf_counter()
+            try:
+                call = self.cloud.generate(req, on_progress=cb, deadline_s=deadline_s)
+            except QuotaExhausted as exc:
+                route, reason, cloud_error, attempts = "edge", "quota_exhausted", str(exc), exc.attempts
+                if exc.quota is not None:
+                    self.state.set_quota(exc.quota)
+                known = self.state.quota
+                end = exc.quota.period_end_unix if exc.quota else (known.period_end_unix if known else 0)
+                self.state.mark_exhausted(exhaustion_end(end, time.time()))
+                quota = self.state.quota
+                timings["network"] = time.perf_counter() - t_cloud
+            except CloudError as exc:
+                route, reason, cloud_error, attempts = "edge", exc.reason, str(exc), exc.attempts
+                timings["network"] = time.perf_counter() - t_cloud
+                logger.warning("cloud failed (%s), generating on the edge: %s", exc.reason, exc)
+            else:
+                resp = call.response
+                from PIL import Image
+
+                image = Image.open(io.BytesIO(resp.image_png))
+                image.load()
+                attempts = call.attempts
+                model = resp.model
+                seed = int(resp.seed)
+                timings.update(
+                    queue=resp.queue_seconds, generate=resp.generate_seconds, network=call.network_seconds
+                )
+                if resp.HasField("quota"):
+                    from routet2i.cloud_client import quota_from_proto
+
+                    quota = quota_from_proto(resp.quota)
+                    self.state.set_quota(quota)
+
+        if image is None:  # the edge: decided, or a fallback
+            if self.edge is None:
+                self._log(
+                    request_id,
+                    prompt,
+                    route,
+                    reason,
+                    decision,
+                    timings,
+                    quota,
+                    seed,
+                    cloud_error,
+                    failed=True,
+                )
+                if cloud_error is not None:
+                    raise ConnectionError(f"no edge bundle configured to fall back on: {cloud_error}")
+                raise UsageError("no edge bundle configured: pass edge=... (or force='cloud')")
+            image, t_queue, t_gen = self._edge_generate(
+                request_id, prompt, negative, steps, guidance, width, height, seed, progress
+            )
+            timings["queue"] += t_queue
+            timings["generate"] = t_gen
+            model = Path(str(cfg.edge)).name
+        timings["total"] = time.perf_counter() - t_start
+        timings = {k: _round(v) for k, v in timings.items()}
+        result = GenerateResult(
+            image=image,
+            route=route,
+            reason=reason,
+            prs=prs,
+            alpha=decision.alpha,
+            timings=timings,
+            quota=quota.to_dict() if quota is not None else None,
+            seed=int(seed),
+            request_id=request_id,
+            width=image.width,
+            height=image.height,
+            model=model,
+            target_rate=decision.target_rate,
+            paced_rate=decision.paced_rate,
+            cloud_attempts=attempts,
+            cloud_error=cloud_error,
+            metric_scores=scores,
+        )
+        self._log(request_id, prompt, route, reason, decision, timings, quota, seed, cloud_error)
+        return result
+
+    def _cloud_request(self, request_id, prompt, negative, steps, guidance, width, height, seed, decision):
+        from routet2i.cloud.v1 import cloud_pb2
+
+        req = cloud_pb2.GenerateRequest(
+            request_id=request_id,
+            prompt=prompt,
+            negative_prompt=negative or "",
+            width=width or 0,
+            height=height or 0,
+            num_inference_steps=steps or 0,
+            seed=seed,
+            routing=cloud_pb2.RoutingInfo(
+                predicted_prs=decision.prs if decision.prs is not None else 0.0,
+                alpha=decision.alpha if decision.alpha is not None and math.isfinite(decision.alpha) else 0.0,
+                router_version=self._router_version,
+                reason=decision.reason,
+            ),
+        )
+        if guidance is not None:
+            req.guidance_scale = float(guidance)
+        return req
+
+    def _edge_generate(self, request_id, prompt, negative, steps, guidance, width, height, seed, progress):
+        kwargs: dict[str, Any] = {"negative_prompt": negative or None, "seed": seed}
+        if steps is not None:
+            kwargs["num_inference_steps"] = steps
+        if guidance is not None:
+            kwargs["guidance_scale"] = guidance
+        if width is not None:
+            kwargs["width"] = width
+        if height is not None:
+            kwargs["height"] = height
+        if progress is not None:
+            kwargs["callback"] = lambda step, total, *_: progress(
+                ProgressEvent("edge", int(step), int(total), request_id)
+            )
+        t0 = time.perf_counter()
+        with self._edge_lock:
+            t1 = time.perf_counter()
+            image = self.edge(prompt, **kwargs)
+        return image, t1 - t0, time.perf_counter() - t1
+
+    def _log(
+        self, request_id, prompt, route, reason, decision, timings, quota, seed, cloud_error, failed=False
+    ):
+        rec = {
+            "request_id": request_id,
+            "route": route,
+            "reason": reason,
+            "prs": decision.prs,
+            "alpha": decision.alpha,
+            "target_rate": decision.target_rate,
+            "paced_rate": decision.paced_rate,
+            "expected_requests": decision.expected_requests,
+            "quota_remaining": quota.remaining if quota is not None else None,
+            "seed": int(seed),
+            "timings": timings,
+        }
+        if cloud_error:
+            rec["cloud_error"] = cloud_error
+        if failed:
+            rec["failed"] = True
+        self.decisions.append(rec, prompt=prompt)
+
+
+class AsyncEdgeClient:
+    """asyncio twin of `EdgeClient`: generations run in worker threads, so the event loop stays free;
+    ``progress`` callbacks are delivered on the event loop's thread."""
+
+    def __init__(self, *args: Any, max_workers: int = 2, **kwargs: Any) -> None:
+        self._client = kwargs.pop("client", None) or EdgeClient(*args, **kwargs)
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="routet2i")
+
+    @classmethod
+    def from_config(
+        cls, path: str | Path | None = None, *, max_workers: int = 2, **overrides: Any
+    ) -> AsyncEdgeClient:
+        return cls(client=EdgeClient.from_config(path, **overrides), max_workers=max_workers)
+
+    @property
+    def client(self) -> EdgeClient:
+        """The synchronous client underneath (policy, state, config)."""
+        return self._client
+
+    async def generate(
+        self, prompt: str, *, progress: Callable[[ProgressEvent], Any] | None = None, **kwargs: Any
+    ) -> GenerateResult:
+        """Same arguments as `EdgeClient.generate`."""
+        loop = asyncio.get_running_loop()
+        cb = None
+        if progress is not None:
+            cb = lambda ev: loop.call_soon_threadsafe(progress, ev)  # noqa: E731
+        fn = functools.partial(self._client.generate, prompt, progress=cb, **kwargs)
+        return await loop.run_in_executor(self._executor, fn)
+
+    async def refresh_quota(self) -> QuotaInfo | None:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._client.refresh_quota)
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._client.close()
+
+    async def __aenter__(self) -> AsyncEdgeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
