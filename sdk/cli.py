@@ -1,14 +1,25 @@
 """`edge-generate`: generate one image on the device, routed between edge and cloud.
 
-Placeholder of the foundation: the options of CONTRACTS.md section 2 exist; generation answers
-"not implemented yet" (exit 2) until the SDK lands.
+A thin shell over `routet2i.EdgeClient`. Exit codes: 0 ok, 2 bad usage or bad files, 1 any other failure.
+``--json`` prints the result fields (not the image) and ``"output"`` as one JSON object on stdout; the
+progress bar goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from routet2i._errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,23 +30,174 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edge-generate", description=__doc__.splitlines()[0])
     p.add_argument("prompt", help="the text prompt")
-    p.add_argument("-o", "--output", default="out.png", help="where to write the PNG")
+    p.add_argument("-o", "--output", default="out.png", help="where to write the PNG (default: out.png)")
     p.add_argument("--config", help="routet2i.toml with bundles, cloud endpoint and policy")
-    p.add_argument("--demo", action="store_true", help="use tiny demo models and a loopback cloud")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="tiny random-weight models, bundles and router built once (cached) and a loopback cloud server",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--force", choices=["edge", "cloud"])
+    p.add_argument("--seed", type=int, help="random seed (default: random, reported)")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--width", type=int, help="image width (with --height)")
+    p.add_argument("--height", type=int, help="image height (with --width)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--force", choices=["edge", "cloud"], help="skip the router's decision")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--local-only", action="store_true", help="keep this prompt on the device")
+    p.add_argument("--target-rate", type=float, help="target share of cloud generations in [0, 1]")
+    p.add_argument("--deadline", type=float, help="cloud time budget in seconds (retries included)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     return p
 
 
+def _setup_logging(verbose: int) -> None:
+    env = os.environ.get("ROUTET2I_LOG_LEVEL", "").upper()
+    level = env or ("DEBUG" if verbose >= 2 else "INFO" if verbose == 1 else "WARNING")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+class _Progress:
+    """A tqdm bar fed by `ProgressEvent`s; a new bar when the route changes (cloud, then edge fallback)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.route = None
+
+    def __call__(self, event: Any) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or event.route != self.route:
+            self.close()
+            self.route = event.route
+            self.bar = tqdm(
+                total=event.total_steps, desc=event.route, unit="step", file=sys.stderr, leave=False
+            )
+        self.bar.total = event.total_steps
+        self.bar.n = event.step
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def save_png_atomic(image: Any, path: Path) -> None:
+    """Write the PNG next to its destination, then rename: no half-written file on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def describe(result: Any) -> str:
+    """One human line about a decision."""
+    prs = "n/a" if result.prs is None else f"{result.prs:.3f}"
+    alpha = "n/a" if result.alpha is None else f"{result.alpha:.3f}"
+    why = {
+        "router": f"PRS^={prs} {'<' if result.route == 'cloud' else '>='} alpha={alpha}",
+        "forced": "forced",
+        "local_only": "local-only prompt",
+        "quota_exhausted": "cloud quota exhausted, generated on the edge",
+        "cloud_unavailable": "cloud unavailable, generated on the edge",
+        "cloud_error": "cloud error, generated on the edge",
+    }.get(result.reason, result.reason)
+    if result.reason != "router":
+        why += f" (PRS^={prs}, alpha={alpha})"
+    quota = ""
+    if result.quota:
+        quota = f", cloud quota {result.quota['remaining']}/{result.quota['limit']} left"
+    return f"{result.route} [{result.reason}]: {why}; {result.timings['total']:.2f} s{quota}"
+
+
+def _generate(args: argparse.Namespace, client: Any, progress: _Progress) -> Any:
+    return client.generate(
+        args.prompt,
+        negative_prompt=args.negative,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        force=args.force,
+        local_only=args.local_only,
+        progress=progress,
+        deadline_s=args.deadline,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.width is None) != (args.height is None):
+        raise UsageError("--width and --height go together: give both or neither")
+    if args.demo and args.config:
+        raise UsageError("--demo uses its own tiny models and loopback cloud; drop --config (or --demo)")
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"-o {args.output}: the output is a PNG; use a .png file name")
+    progress = _Progress(enabled=not args.no_progress)
+    overrides = {"target_cloud_rate": args.target_rate}
+    try:
+        if args.demo:
+            from routet2i.demo import demo_client
+
+            with demo_client(**overrides) as client:
+                result = _generate(args, client, progress)
+        else:
+            if (
+                args.config is None
+                and not os.environ.get("ROUTET2I_ROUTER")
+                and not os.environ.get("ROUTET2I_EDGE")
+            ):
+                raise UsageError(
+                    "no configuration: pass --config routet2i.toml (see README, section SDK), "
+                    "set ROUTET2I_ROUTER / ROUTET2I_EDGE, or try `edge-generate --demo PROMPT`"
+                )
+            from routet2i.client import EdgeClient
+
+            with EdgeClient.from_config(args.config, **overrides) as client:
+                result = _generate(args, client, progress)
+    finally:
+        progress.close()
+    save_png_atomic(result.image, output)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "output": str(output)}, allow_nan=False))
+    else:
+        print(describe(result))
+        print(f"wrote {output} ({result.width}x{result.height}, seed {result.seed})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("edge-generate: not implemented yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return run(args)
+    except (UsageError, FileNotFoundError) as exc:
+        print(f"edge-generate: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # BundleError and other bad-input errors from the libraries
+        print(f"edge-generate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, exit 1, traceback only with -v
+        logger.debug("failure", exc_info=True)
+        print(f"edge-generate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

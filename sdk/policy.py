@@ -1,7 +1,7 @@
 """The routing policy of the device: cloud iff PRS^ < alpha, with quota-aware pacing.
 
-- alpha comes from the router bundle's calibration table (cloud rate -> alpha) for the target cloud rate,
-  interpolated linearly between table rows (ROUTET2I.md section 4).
+- alpha comes from the router bundle's calibration table (cloud rate -> alpha) for the target cloud rate:
+  the row of the largest tabulated rate <= the target (ROUTET2I.md section 4).
 - Quota-aware pacing (ours): with R cloud generations left in the quota period and M requests expected
   before the period ends (from the device's own request rate), the device targets
   ``rho_t = min(rho_r, R / M)`` so the quota lasts the whole period.
@@ -72,24 +72,20 @@ class CalibrationTable:
     def alpha(self, rate: float) -> tuple[float, float]:
         """(alpha, keep) for a cloud rate in [0, 1].
 
-        Between rows alpha is interpolated linearly; above the last row the last alpha holds. Below the first
-        row (which the table cannot resolve) the first row's alpha is used and only a ``keep`` = rate/rate_0
-        share of its cloud decisions is kept, so the expected cloud rate still matches. ``rate`` 0 gives
-        alpha 0 (PRS^ is never negative): nothing goes to the cloud.
+        alpha of the largest tabulated rate <= ``rate`` (as `routet2i.training.calibration.alpha_from_table`:
+        never overspends the budget). Below the first row, which the table cannot resolve, the first row's
+        alpha is used and only a ``keep`` = rate / rate_0 share of its cloud decisions is kept, so the expected
+        cloud rate still matches. ``rate`` 0 gives alpha 0 (PRS^ is never negative): nothing goes to the cloud.
         """
-        if not (0.0 <= rate <= 1.0) or math.isnan(rate):
+        if math.isnan(rate) or not (0.0 <= rate <= 1.0):
             raise UsageError(f"cloud rate={rate!r}: must be in [0, 1]")
         if rate <= 0.0:
             return 0.0, 1.0
         r, a = self.rates, self.alphas
-        if rate <= r[0]:
-            return a[0], (rate / r[0]) if r[0] > 0 else 1.0
-        if rate >= r[-1]:
-            return a[-1], 1.0
-        i = bisect.bisect_right(r, rate)
-        r0, r1, a0, a1 = r[i - 1], r[i], a[i - 1], a[i]
-        t = 0.0 if r1 == r0 else (rate - r0) / (r1 - r0)
-        return a0 + t * (a1 - a0), 1.0
+        if rate < r[0] - 1e-12:
+            return a[0], (rate / r[0])
+        i = bisect.bisect_right(r, rate + 1e-12)
+        return a[i - 1], 1.0
 
 
 class LocalOnlyRules:

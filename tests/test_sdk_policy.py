@@ -18,10 +18,10 @@ ROUTING = {
 }
 
 
-def test_calibration_interpolates_and_thins_below_first_row():
+def test_calibration_steps_down_and_thins_below_first_row():
     t = CalibrationTable.from_routing(ROUTING)
     assert t.alpha(0.3) == (0.4, 1.0)
-    assert t.alpha(0.2)[0] == pytest.approx(0.3)
+    assert t.alpha(0.29) == (0.2, 1.0)  # largest tabulated rate <= 0.29 is 0.1: never overspend
     assert t.alpha(0.9) == (0.5, 1.0)
     assert t.alpha(0.0) == (0.0, 1.0)
     alpha, keep = t.alpha(0.05)
@@ -56,16 +56,19 @@ def test_pacing_targets_remaining_over_expected(tmp_path):
     state = DeviceState(tmp_path / "s.json")
     for i in range(10):  # one request every 100 s
         state.record_request(now - 1000 + 100 * i)
-    # 20 units left, period ends in 10000 s -> M = 10/1000*10000 = 100 requests, R/M = 0.2
+    # 20 units left, period ends in 10000 s -> M = 10/1000*10000 = 100 requests, R/M = 0.2 -> row 0.1
     state.set_quota(
         QuotaInfo(limit=50, used=30, remaining=20, period="day", period_end_unix=int(now) + 10000)
     )
     p = RoutingPolicy(ROUTING, 0.3, state=state)
+    PolicyNoPacing = RoutingPolicy(ROUTING, 0.3, state=state, pacing=False)  # noqa: N806
     rho, m = p.paced_rate(now)
     assert m == pytest.approx(100.0)
     assert rho == pytest.approx(0.2)
-    d = p.decide("a fox", 0.31, now=now)  # alpha(0.2) = 0.3: 0.31 stays on the edge
-    assert (d.route, d.alpha, d.paced_rate) == ("edge", pytest.approx(0.3), pytest.approx(0.2))
+    d = p.decide("a fox", 0.31, now=now)  # alpha(0.2) = 0.2: 0.31 stays on the edge
+    assert (d.route, d.alpha, d.paced_rate) == ("edge", 0.2, pytest.approx(0.2))
+    assert p.decide("a fox", 0.31, now=now, force=None).reason == "router"
+    assert PolicyNoPacing.decide("a fox", 0.31, now=now).route == "cloud"  # unpaced alpha 0.4
     # plenty of quota: the configured rate wins
     state.set_quota(
         QuotaInfo(limit=500, used=0, remaining=500, period="day", period_end_unix=int(now) + 10000)
