@@ -1,0 +1,73 @@
+"""Domain errors of the cloud endpoint, free of any transport.
+
+The servicer maps each class to one gRPC status code in ONE table (`servicer.STATUS_CODES`); nothing else in
+the package chooses a status code. Every message is safe to send to a client: no paths, no tracebacks.
+"""
+
+from __future__ import annotations
+
+
+class CloudError(Exception):
+    """Base of every error the endpoint reports to a client (its message is sent as the status details)."""
+
+
+class InvalidArgument(CloudError, ValueError):
+    """A request field is out of bounds; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Unauthenticated(CloudError):
+    """No bearer token, or one the store does not know."""
+
+
+class QuotaExhausted(CloudError):
+    """The device has no units left in its current period."""
+
+    def __init__(self, device_id: str, limit: int, used: int, period: str, reserved: int = 0) -> None:
+        per = "in total" if period == "total" else f"per {period}"
+        super().__init__(
+            f"quota exhausted for device {device_id!r}: limit {limit} {per}, {used} used, {reserved} in progress"
+        )
+        self.device_id = device_id
+        self.limit = limit
+        self.used = used
+        self.reserved = reserved
+        self.period = period
+
+
+class Overloaded(CloudError):
+    """The generation queue is full: the request is shed at once instead of waiting."""
+
+
+class NotReady(CloudError):
+    """The pipeline is still loading, or the server is shutting down."""
+
+
+class RequestInProgress(CloudError):
+    """The same request_id of the same device is being generated right now (a concurrent retry)."""
+
+
+class DeadlineExceeded(CloudError):
+    """The client's deadline passed before generation could start."""
+
+
+class Cancelled(CloudError):
+    """The request was cancelled (by the client, or by a shutdown) before it finished."""
+
+
+class ReservationLost(CloudError):
+    """The quota reservation expired before the result could be committed; nothing was charged."""
+
+
+class DeviceExists(CloudError, ValueError):
+    """`device add` for an id that already exists (admin side only)."""
+
+
+class UnknownDevice(CloudError, KeyError):
+    """An admin command names a device the store does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else "unknown device"

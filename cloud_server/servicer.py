@@ -1,0 +1,397 @@
+"""The gRPC face of the endpoint: a thin servicer over `CloudCore`, the status table, `create_server`.
+
+`STATUS_CODES` is the ONE place where domain errors become gRPC status codes. Quota denials carry a
+`google.rpc.QuotaFailure` detail (subject = device id) in the rich status (`grpc-status-details-bin`).
+Any other exception is logged here with its traceback and reaches the client as INTERNAL with a short
+reference id only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from routet2i.cloud.v1 import cloud_pb2, cloud_pb2_grpc
+from routet2i.cloud_server.batcher import GenerationFailed
+from routet2i.cloud_server.core import CloudCore, GenerateInput, GenerateResult, ServerConfig
+from routet2i.cloud_server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    DeviceExists,
+    InvalidArgument,
+    NotReady,
+    Overloaded,
+    QuotaExhausted,
+    RequestInProgress,
+    ReservationLost,
+    Unauthenticated,
+    UnknownDevice,
+)
+from routet2i.cloud_server.metrics import Metrics
+from routet2i.cloud_server.pipelines import Pipeline, load_pipeline
+from routet2i.cloud_server.store import QuotaSnapshot, QuotaStore, open_store
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "routet2i.cloud.v1.CloudGeneration"
+
+# The one table: domain error -> gRPC status code (tests/test_cloud_status_table.py has a test per row).
+STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    QuotaExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Overloaded: grpc.StatusCode.UNAVAILABLE,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    RequestInProgress: grpc.StatusCode.ABORTED,
+    ReservationLost: grpc.StatusCode.ABORTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    GenerationFailed: grpc.StatusCode.INTERNAL,
+    DeviceExists: grpc.StatusCode.ALREADY_EXISTS,
+    UnknownDevice: grpc.StatusCode.NOT_FOUND,
+}
+
+
+def status_for(exc: BaseException) -> grpc.Status:
+    """The status a client sees for `exc` (rich status with QuotaFailure for quota denials)."""
+    code = next((c for cls, c in STATUS_CODES.items() if isinstance(exc, cls)), None)
+    if code is None:
+        ref = uuid.uuid4().hex[:12]
+        logger.error("unexpected error ref=%s", ref, exc_info=exc)
+        code, message = grpc.StatusCode.INTERNAL, f"internal error (reference {ref})"
+    else:
+        message = str(exc)
+    details = []
+    if isinstance(exc, QuotaExhausted):
+        violation = error_details_pb2.QuotaFailure.Violation(subject=exc.device_id, description=message)
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.QuotaFailure(violations=[violation]))
+        details.append(packed)
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=details))
+
+
+def _token(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == "authorization" and isinstance(value, str):
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _input(request: cloud_pb2.GenerateRequest) -> GenerateInput:
+    r = request.routing
+    return GenerateInput(
+        request_id=request.request_id,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=request.width,
+        height=request.height,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
+        seed=request.seed if request.HasField("seed") else None,
+        routing={"reason": r.reason, "prs": round(r.predicted_prs, 4), "alpha": round(r.alpha, 4),
+                 "router": r.router_version},
+    )  # fmt: skip
+
+
+def quota_pb(q: QuotaSnapshot) -> cloud_pb2.QuotaStatus:
+    return cloud_pb2.QuotaStatus(
+        device_id=q.device_id, limit=q.limit, used=q.used, remaining=q.remaining, period=q.period,
+        period_end_unix=q.period_end_unix,
+    )  # fmt: skip
+
+
+def _response(r: GenerateResult) -> cloud_pb2.GenerateResponse:
+    return cloud_pb2.GenerateResponse(
+        image_png=r.image_png, width=r.width, height=r.height, model=r.model, seed=r.seed, quota=quota_pb(r.quota),
+        queue_seconds=r.queue_seconds, generate_seconds=r.generate_seconds,
+    )  # fmt: skip
+
+
+def _logfmt(fields: dict[str, Any]) -> str:
+    parts = []
+    for k, v in fields.items():
+        s = str(v)
+        parts.append(f"{k}={s!r}" if (" " in s or "=" in s or not s) else f"{k}={s}")
+    return " ".join(parts)
+
+
+class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
+    """Translates protobuf <-> `CloudCore` and errors -> statuses; logs one line per RPC."""
+
+    def __init__(self, core: CloudCore) -> None:
+        self.core = core
+
+    async def _finish(
+        self, method: str, t0: float, log: dict, exc: BaseException | None, context: Any
+    ) -> None:
+        status = None if exc is None else status_for(exc)
+        code = grpc.StatusCode.OK if status is None else status.code
+        if isinstance(exc, asyncio.CancelledError):
+            code = grpc.StatusCode.CANCELLED
+        self.core.metrics.requests.labels(method, code.name).inc()
+        if method != "GetQuota":
+            self.core.metrics.request_seconds.observe(time.monotonic() - t0)
+        fields = {"rpc": method, "code": code.name, **log, "total_s": round(time.monotonic() - t0, 4)}
+        if status is not None and not isinstance(exc, asyncio.CancelledError):
+            fields["error"] = status.details
+        logger.log(logging.INFO if code == grpc.StatusCode.OK else logging.WARNING, _logfmt(fields))
+        if status is not None and not isinstance(exc, asyncio.CancelledError):
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def Generate(self, request: cloud_pb2.GenerateRequest, context: Any) -> cloud_pb2.GenerateResponse:
+        t0, log = time.monotonic(), {}
+        try:
+            inp = _input(request)
+            log.update(request_id=inp.request_id, **{f"route_{k}": v for k, v in inp.routing.items()})
+            logger.debug("prompt request_id=%s prompt=%r", inp.request_id, inp.prompt)
+            result = await self.core.generate(_token(context), inp, deadline=_deadline(context), log=log)
+        except BaseException as exc:  # noqa: BLE001 - mapped to a status in one place
+            await self._finish("Generate", t0, log, exc, context)
+            raise
+        await self._finish("Generate", t0, log, None, context)
+        return _response(result)
+
+    async def GenerateStream(
+        self, request: cloud_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[cloud_pb2.GenerateEvent]:
+        t0, log = time.monotonic(), {}
+        events: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        task: asyncio.Task | None = None
+        try:
+            inp = _input(request)
+            log.update(request_id=inp.request_id, **{f"route_{k}": v for k, v in inp.routing.items()})
+            logger.debug("prompt request_id=%s prompt=%r", inp.request_id, inp.prompt)
+            task = asyncio.ensure_future(
+                self.core.generate(
+                    _token(context), inp, deadline=_deadline(context),
+                    on_progress=lambda s, n: events.put_nowait((s, n)), log=log,
+                )
+            )  # fmt: skip
+            while not task.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    step, total = getter.result()
+                    yield cloud_pb2.GenerateEvent(progress=cloud_pb2.Progress(step=step, total_steps=total))
+                else:
+                    getter.cancel()
+            while not events.empty():
+                step, total = events.get_nowait()
+                yield cloud_pb2.GenerateEvent(progress=cloud_pb2.Progress(step=step, total_steps=total))
+            result = task.result()
+        except BaseException as exc:  # noqa: BLE001 - mapped to a status in one place
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await self._finish("GenerateStream", t0, log, exc, context)
+            raise
+        await self._finish("GenerateStream", t0, log, None, context)
+        yield cloud_pb2.GenerateEvent(result=_response(result))
+
+    async def GetQuota(self, request: cloud_pb2.GetQuotaRequest, context: Any) -> cloud_pb2.QuotaStatus:
+        t0, log = time.monotonic(), {}
+        try:
+            snap = await self.core.quota(_token(context))
+            log["device_id"] = snap.device_id
+        except BaseException as exc:  # noqa: BLE001
+            await self._finish("GetQuota", t0, log, exc, context)
+            raise
+        await self._finish("GetQuota", t0, log, None, context)
+        return quota_pb(snap)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path  # the server's PEM certificate chain
+    key_file: Path  # its PEM private key
+    client_ca_file: Path | None = None  # set: mutual TLS, clients must present a cert signed by this CA
+
+    def credentials(self) -> grpc.ServerCredentials:
+        for name, f in (
+            ("--tls-cert", self.cert_file),
+            ("--tls-key", self.key_file),
+            ("--tls-client-ca", self.client_ca_file),
+        ):  # noqa: E501
+            if f is not None and not Path(f).is_file():
+                raise FileNotFoundError(f"{name} {f}: no such file")
+        ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())],
+            root_certificates=ca, require_client_auth=ca is not None,
+        )  # fmt: skip
+
+
+class CloudServer:
+    """A started endpoint: `port`, `core`, `grpc_server`; `await stop(grace)` shuts it down gracefully."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, core: CloudCore, health_servicer: Any, port: int,
+                 owns_store: bool) -> None:  # fmt: skip
+        self.grpc_server = grpc_server
+        self.core = core
+        self.health = health_servicer
+        self.port = port
+        self._owns_store = owns_store
+        self._stopped = False
+
+    async def mark_ready(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish for `grace` seconds, then cancel the rest and
+        release their reservations."""
+        if self._stopped:
+            return
+        self._stopped = True
+        logger.info("shutting down grace_s=%s", grace)
+        await self.health.enter_graceful_shutdown()
+        self.core.begin_shutdown()
+        await self.grpc_server.stop(grace)
+        await self.core.close()
+        if self._owns_store:
+            self.core.store.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+async def create_server(
+    store: QuotaStore | str,
+    pipeline: Pipeline | str | Callable[[], Pipeline],
+    listen: str = "127.0.0.1:0",
+    config: ServerConfig | None = None,
+    tls: TlsConfig | None = None,
+    metrics_port: int | None = None,
+    max_receive_message_bytes: int = 1 << 20,
+    max_send_message_bytes: int = 64 << 20,
+    max_concurrent_rpcs: int | None = None,
+) -> tuple[CloudServer, int]:
+    """Bind `listen` (port 0: any free port), start serving health NOT_SERVING, load the pipeline, then
+    report SERVING and return ``(server, port)``. `store` is a store or a URL (then the server owns and
+    closes it); `pipeline` is a pipeline object, a loader, `"noop"`, or an SD3 folder / Hugging Face id."""
+    owns_store = isinstance(store, str)
+    store_obj = open_store(store) if isinstance(store, str) else store
+    if isinstance(pipeline, str):
+        spec = pipeline
+
+        def loader() -> Pipeline:
+            return load_pipeline(spec)
+
+        pipeline = loader
+    metrics = Metrics()
+    core = CloudCore(store_obj, pipeline, config, metrics)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_receive_message_bytes),
+            ("grpc.max_send_message_length", max_send_message_bytes),
+        ],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
+    cloud_pb2_grpc.add_CloudGenerationServicer_to_server(CloudGenerationServicer(core), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
+    except RuntimeError as e:
+        raise OSError(f"--listen {listen!r}: could not bind ({e})") from e
+    await server.start()
+    cs = CloudServer(server, core, health_servicer, port, owns_store)
+    if metrics_port is not None:
+        metrics.serve_http(metrics_port)
+    try:
+        await core.start()
+    except BaseException:
+        await cs.stop(grace=0)
+        raise
+    await cs.mark_ready()
+    logger.info("serving %s on port %d model=%s", SERVICE_NAME, port, core.pipeline.model_name)  # type: ignore[union-attr]
+    return cs, port
+
+
+class BackgroundServer:
+    """`create_server` on its own event loop in a daemon thread, for synchronous code (tests, the demo).
+
+    with BackgroundServer(store, "noop") as srv:
+        channel = grpc.insecure_channel(srv.address)
+    """
+
+    def __init__(self, store: QuotaStore | str, pipeline: Pipeline | str | Callable[[], Pipeline],
+                 listen: str = "127.0.0.1:0", **kwargs: Any) -> None:  # fmt: skip
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.server: CloudServer | None = None
+        self.port = 0
+        self.host = listen.rsplit(":", 1)[0]
+
+        async def main() -> None:
+            try:
+                self.server, self.port = await create_server(store, pipeline, listen, **kwargs)
+            except BaseException as e:  # reported to the constructor's thread
+                self._error = e
+                raise
+            finally:
+                self._ready.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(main())
+            except BaseException:
+                return
+            self.loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="rt2i-cloud-server", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join(5)
+            raise self._error
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def core(self) -> CloudCore:
+        assert self.server is not None
+        return self.server.core
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.server is None or not self.loop.is_running():
+            return
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(grace + 30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
