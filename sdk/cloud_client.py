@@ -27,7 +27,8 @@ from routet2i.policy import QuotaInfo
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# ABORTED: the server is still generating this request_id (a concurrent retry); it says "retry later".
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
 _MAX_MESSAGE = 64 * 1024 * 1024
 _LOOPBACK = ("localhost", "127.", "[::1]", "::1", "unix:", "ipv4:127.", "ipv6:[::1]")
 

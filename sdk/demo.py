@@ -1,0 +1,278 @@
+"""The demo: the whole product on tiny random-weight models, on one machine, in a few minutes.
+
+Built ONCE and cached (``$ROUTET2I_DEMO_CACHE`` or ``~/.cache/routet2i/demo-v1``):
+
+1. tiny SD2.1 / SD3 / CLIP folders with the real architectures (`routet2i dev tiny-models`);
+2. a small quality table from those pipelines (`routet2i data build` on the demo's training prompts);
+3. a RouteT2I router trained on it (`routet2i train`) and exported (`routet2i export router`);
+4. the edge bundle (`routet2i export edge`).
+
+Each run then starts a loopback cloud server (tiny SD3, SQLite store in a temp folder) with a demo device and
+routes prompts through a real `EdgeClient`. Random weights make the images noise and the router's decisions
+arbitrary: the demo shows the machinery (routing, gRPC, quotas, fallbacks), not image quality.
+
+Needs the full install (`pip install 'routet2i[all]'`): it trains and exports with torch. Used by
+``edge-generate --demo`` and by ``python -m routet2i.demo --prompts FILE`` (``make demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from routet2i._errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+RECIPE = "demo-v1"  # bump when the recipe changes: a new cache folder is built
+DATASET = "demo"
+DEMO_DEVICE = "demo-device"
+DEMO_QUOTA = 1000
+NOISE_NOTE = (
+    "note: tiny random-weight models: the images are noise and the routing decisions arbitrary; "
+    "the demo shows the machinery (router, policy, gRPC cloud, quotas, fallbacks), not quality."
+)
+# Training prompts for the demo router (short and long, few and many objects). Written for this project.
+TRAIN_PROMPTS = [
+    "a cat",
+    "a red apple on a table",
+    "a mountain lake at sunrise",
+    "a dog running on the beach",
+    "a portrait of an old sailor with a pipe",
+    "a bicycle leaning against a yellow wall",
+    "two children flying a kite in a park with a dog and a picnic basket",
+    "a busy train station with travellers, pigeons, a clock tower and a newspaper stand",
+    "a futuristic kitchen with a robot chef, a cat on the counter and a window to a neon city",
+    "a still life of three pears, a glass jug and a folded napkin",
+    "a fox",
+    "a snowy forest path",
+    "a knight, a dragon and a castle on a cliff above a stormy sea",
+    "a birthday cake with candles",
+    "an orchestra of frogs playing violins on lily pads under the moon",
+    "a sailboat",
+    "a street in Lisbon with a tram, laundry on balconies and a man selling chestnuts",
+    "a macro photo of a bee on a sunflower",
+    "a desk with a laptop, a coffee mug, a potted plant, headphones and a notebook",
+    "a lone tree in a field",
+    "a market stall full of spices in bowls with a scale and a merchant",
+    "a hot air balloon over a desert",
+    "a library with tall shelves, a ladder, a sleeping cat and a reading lamp",
+    "an owl",
+]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("ROUTET2I_DEMO_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "routet2i" / RECIPE
+
+
+def _routet2i(argv: list[str]) -> None:
+    """Run one `routet2i` subcommand in-process (the CLI is the contract the demo exercises)."""
+    from routet2i.training.cli import main
+
+    logger.info("routet2i %s", " ".join(argv))
+    rc = main(argv)
+    if rc != 0:
+        raise RuntimeError(f"`routet2i {' '.join(argv)}` failed with exit code {rc}")
+
+
+@contextlib.contextmanager
+def _staged(final: Path) -> Iterator[Path]:
+    """Build into a temp folder beside ``final``; rename on success, so a cache entry is whole or absent."""
+    tmp = final.parent / f".{final.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _table_models(table: Path) -> tuple[str, str]:
+    """(edge model, cloud model) names as `data build` wrote them."""
+    with open(table, newline="") as f:
+        models = sorted({row["model"] for row in csv.DictReader(f)})
+    if len(models) != 2:
+        raise RuntimeError(f"{table}: expected 2 models, found {models}")
+    edge = [m for m in models if "sd21" in m.lower() or "edge" in m.lower()]
+    cloud = [m for m in models if m not in edge]
+    if len(edge) != 1 or len(cloud) != 1:
+        raise RuntimeError(f"{table}: cannot tell the edge model from the cloud model among {models}")
+    return edge[0], cloud[0]
+
+
+def build_demo(cache_dir: Path | None = None, *, quiet: bool = False) -> dict[str, Path]:
+    """Build (once) and return {"models", "edge_pipeline", "cloud_pipeline", "clip", "table", "router_ckpt",
+    "router", "edge"}: everything the demo needs, cached under ``cache_dir``."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--demo trains and exports tiny models and needs the full install: pip install 'routet2i[all]' "
+            "(on a device, use --config routet2i.toml instead)"
+        ) from None
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    paths = {
+        "models": root / "models",
+        "table": root / "quality.csv",
+        "router_ckpt": root / "router-ckpt",
+        "router": root / "bundles" / "router",
+        "edge": root / "bundles" / "edge",
+    }
+    stamp = root / "ready.json"
+    if not stamp.exists():
+        t0 = time.perf_counter()
+        say(f"demo: building tiny models, quality table, router and bundles once under {root} ...")
+    if not paths["models"].exists():
+        from routet2i.training.tiny_models import build_tiny_models
+
+        with _staged(paths["models"]) as tmp:
+            build_tiny_models(tmp)
+    models = {"edge_pipeline": paths["models"] / "edge-sd21", "cloud_pipeline": paths["models"] / "cloud-sd3"}
+    models["clip"] = paths["models"] / "clip"
+    if not paths["table"].exists():
+        say("demo: data build (tiny SD2.1 and SD3 images, CLIP metrics) ...")
+        with _staged(root / "table-work") as tmp:
+            prompts = tmp / "prompts.txt"
+            prompts.write_text("\n".join(TRAIN_PROMPTS) + "\n")
+            out = tmp / "quality.csv"
+            _routet2i(
+                ["data", "build", "--prompts", str(prompts), "--edge-pipeline", str(models["edge_pipeline"]),
+                 "--cloud-pipeline", str(models["cloud_pipeline"]), "--clip", str(models["clip"]),
+                 "--out", str(out), "--dataset", DATASET]
+            )  # fmt: skip
+            os.replace(out, paths["table"])
+    edge_model, cloud_model = _table_models(paths["table"])
+    if not paths["router_ckpt"].exists():
+        say(f"demo: training the router ({edge_model} vs {cloud_model}) ...")
+        with _staged(paths["router_ckpt"]) as tmp:
+            _routet2i(
+                ["train", "--table", str(paths["table"]), "--dataset", DATASET, "--edge-model", edge_model,
+                 "--cloud-model", cloud_model, "--out", str(tmp), "--epochs", "5"]
+            )  # fmt: skip
+    if not paths["router"].exists():
+        say("demo: exporting the router bundle ...")
+        with _staged(paths["router"]) as tmp:
+            _routet2i(["export", "router", "--router", str(paths["router_ckpt"]), "--out", str(tmp)])
+    if not paths["edge"].exists():
+        say("demo: exporting the edge bundle ...")
+        with _staged(paths["edge"]) as tmp:
+            _routet2i(["export", "edge", "--pipeline", str(models["edge_pipeline"]), "--out", str(tmp)])
+    if not stamp.exists():
+        stamp.write_text(json.dumps({"recipe": RECIPE, "built_unix": int(time.time())}) + "\n")
+        say(f"demo: built in {time.perf_counter() - t0:.0f} s (cached for next time)")
+    return {**paths, **models}
+
+
+@contextlib.contextmanager
+def demo_client(
+    cache_dir: Path | None = None, *, quota: int = DEMO_QUOTA, quiet: bool = False, **overrides: Any
+) -> Iterator[Any]:
+    """A ready `EdgeClient` on the demo bundles, talking to a loopback cloud server started for it."""
+    from routet2i.client import EdgeClient
+    from routet2i.cloud_server.servicer import BackgroundServer
+    from routet2i.cloud_server.store import open_store
+
+    built = build_demo(cache_dir, quiet=quiet)
+    with tempfile.TemporaryDirectory(prefix="routet2i-demo-") as work:
+        store = open_store(f"sqlite:///{Path(work) / 'quota.db'}")
+        token = store.add_device(DEMO_DEVICE, quota, "day")
+        server = BackgroundServer(store, str(built["cloud_pipeline"]))
+        try:
+            options = {"target_cloud_rate": 0.5, **{k: v for k, v in overrides.items() if v is not None}}
+            options.setdefault("state_file", "")  # fresh pacing state every run
+            options.setdefault("decision_log", str(Path(work) / "decisions.jsonl"))
+            client = EdgeClient(
+                router=built["router"], edge=built["edge"], cloud=server.address, token=token, **options
+            )
+            try:
+                yield client
+            finally:
+                client.close()
+        finally:
+            server.stop()
+            store.close()
+
+
+def _read_prompts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"--prompts {path}: file not found") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"--prompts {path}: no prompts in the file")
+    return prompts
+
+
+def run_table(prompts: Sequence[str], out_dir: Path | None, steps: int, cache_dir: Path | None) -> list[Any]:
+    """Route every prompt and print the table prompt | PRS^ | alpha | route | reason | seconds."""
+    from routet2i.cli import save_png_atomic
+
+    results = []
+    with demo_client(cache_dir) as client:
+        w = max(len(p) for p in prompts)
+        w = min(w, 60)
+        print(f"{'prompt':<{w}}  {'PRS^':>6}  {'alpha':>6}  {'route':<5}  {'reason':<17}  {'seconds':>7}")
+        print("-" * (w + 52))
+        for i, prompt in enumerate(prompts):
+            r = client.generate(prompt, seed=i, num_inference_steps=steps)
+            results.append(r)
+            shown = prompt if len(prompt) <= w else prompt[: w - 3] + "..."
+            prs = "n/a" if r.prs is None else f"{r.prs:.3f}"
+            alpha = "n/a" if r.alpha is None else f"{r.alpha:.3f}"
+            print(
+                f"{shown:<{w}}  {prs:>6}  {alpha:>6}  {r.route:<5}  {r.reason:<17}  {r.timings['total']:>7.2f}"
+            )
+            if out_dir is not None:
+                save_png_atomic(r.image, out_dir / f"{i:02d}-{r.route}.png")
+        n_cloud = sum(r.route == "cloud" for r in results)
+        q = results[-1].quota if results else None
+        print("-" * (w + 52))
+        print(
+            f"{n_cloud}/{len(results)} generated in the cloud (target cloud rate {client.policy.target_rate}); "
+            + (f"cloud quota {q['remaining']}/{q['limit']} left" if q else "quota unknown")
+        )
+    print(NOISE_NOTE)
+    if out_dir is not None:
+        print(f"images in {out_dir}/")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m routet2i.demo", description="route a list of prompts (demo)")
+    p.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
+    p.add_argument("--out", type=Path, help="folder for the PNGs")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
+    p.add_argument("--cache-dir", type=Path, help=f"demo cache (default {default_cache_dir()})")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ROUTET2I_LOG_LEVEL", "WARNING").upper())
+    try:
+        run_table(_read_prompts(args.prompts), args.out, args.steps, args.cache_dir)
+    except UsageError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
