@@ -1,0 +1,92 @@
+"""numpy ports of diffusers' schedulers (DDIM, Euler, DPM-Solver++ multistep) for the torch-free device.
+
+Each scheduler is one self-contained file that reads diffusers' ``scheduler_config.json``. The factory
+picks the class from the config's ``_class_name`` (or a name the caller gives, as
+``XScheduler.from_config(pipe.scheduler.config)`` does in diffusers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Union
+
+from routet2i.schedulers.ddim import DDIMConfig, DDIMScheduler
+from routet2i.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMultistepScheduler
+from routet2i.schedulers.euler import EulerDiscreteConfig, EulerDiscreteScheduler
+
+logger = logging.getLogger(__name__)
+
+Scheduler = Union[DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler]
+
+# diffusers class name -> numpy port.
+SCHEDULERS: dict[str, type] = {
+    "DDIMScheduler": DDIMScheduler,
+    "EulerDiscreteScheduler": EulerDiscreteScheduler,
+    "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+}
+# Short names accepted by `scheduler_from_config(..., name=...)` and `EdgePipeline(scheduler=...)`.
+ALIASES: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "dpm-solver++": "DPMSolverMultistepScheduler",
+}
+
+__all__ = [
+    "ALIASES",
+    "SCHEDULERS",
+    "DDIMConfig",
+    "DDIMScheduler",
+    "DPMSolverMultistepConfig",
+    "DPMSolverMultistepScheduler",
+    "EulerDiscreteConfig",
+    "EulerDiscreteScheduler",
+    "Scheduler",
+    "load_scheduler_config",
+    "scheduler_from_config",
+]
+
+
+def load_scheduler_config(path: str | Path) -> dict[str, Any]:
+    """Read a diffusers ``scheduler_config.json`` (a file, or a folder holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "scheduler_config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: scheduler config not found")
+    try:
+        config = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{p}: expected a JSON object")
+    return config
+
+
+def _resolve(name: str) -> type:
+    key = ALIASES.get(name.lower(), name)
+    if key not in SCHEDULERS:
+        allowed = sorted(SCHEDULERS) + sorted(ALIASES)
+        raise ValueError(f"scheduler={name!r} is not supported; allowed: {', '.join(allowed)}")
+    return SCHEDULERS[key]
+
+
+def scheduler_from_config(config: Mapping[str, Any] | str | Path, name: str | None = None) -> Scheduler:
+    """Build a numpy scheduler from a diffusers scheduler config (dict, file or folder).
+
+    ``name`` (a diffusers class name or an alias: ddim, euler, dpm++) overrides the config's
+    ``_class_name``; the config's values are reused as diffusers' ``from_config`` does (keys unknown to
+    the class are ignored, missing ones take the class defaults).
+    """
+    if not isinstance(config, Mapping):
+        config = load_scheduler_config(config)
+    class_name = name or config.get("_class_name")
+    if not class_name:
+        raise ValueError("scheduler config has no _class_name; pass name= (ddim, euler or dpm++)")
+    cls = _resolve(str(class_name))
+    logger.debug("scheduler %s from config (_class_name=%s)", cls.__name__, config.get("_class_name"))
+    return cls.from_config(config)
