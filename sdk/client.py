@@ -85,6 +85,11 @@ class GenerateResult:
         return d
 
 
+def _as_path(x: Any) -> str | None:
+    """Bundle argument -> path string for the config; objects (a ready router / pipeline) -> None."""
+    return str(x) if isinstance(x, (str, Path)) else None
+
+
 def _round(x: float) -> float:
     return round(float(x), 6)
 
@@ -106,9 +111,11 @@ class EdgeClient:
         **options: Any,
     ) -> None:
         """Either the bundles and endpoint as arguments (plus any `ClientConfig` field in ``options``), or a
-        ready ``config``. Bundles are loaded (and their manifests verified) here, once."""
+        ready ``config``. Bundles are loaded (and their manifests verified) here, once. ``router`` may also be
+        a ready object with ``predict_one(prompt) -> (prs, scores)`` and ``routing``, and ``edge`` any
+        callable with `routet2i.edge_pipeline.EdgePipeline`'s signature."""
         if config is None:
-            given = {"router": router, "edge": edge, "cloud": cloud, "token": token}
+            given = {"router": _as_path(router), "edge": _as_path(edge), "cloud": cloud, "token": token}
             given["target_cloud_rate"] = target_cloud_rate
             known = set(ClientConfig.__dataclass_fields__)
             bad = sorted(set(options) - known)
@@ -117,22 +124,29 @@ class EdgeClient:
             config = ClientConfig(
                 **{k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()}, **options
             )
-        elif any(v is not None for v in (router, edge, cloud, token, target_cloud_rate)) or options:
+        elif any(v is not None for v in (cloud, token, target_cloud_rate)) or options:
             raise UsageError("pass either config=... or the individual options, not both")
         self.config = config
         self._rng = rng or random.Random()
         self._edge_lock = threading.Lock()
         self._quota_checked = 0.0
 
-        self.router = None
+        self.router: Any = None
         routing = None
-        if config.router:
+        if router is not None and hasattr(router, "predict_one"):  # a ready router object (duck-typed)
+            self.router = router
+        elif config.router:
             from routet2i.router_runtime import RouterSession
 
             self.router = RouterSession(config.router, providers=config.providers)
+        if self.router is not None:
             routing = self.router.routing
-        self.edge = None
-        if config.edge:
+        self.edge: Any = None
+        if (
+            edge is not None and callable(edge) and not isinstance(edge, (str, Path))
+        ):  # a ready pipeline object
+            self.edge = edge
+        elif config.edge:
             from routet2i.edge_pipeline import EdgePipeline
 
             self.edge = EdgePipeline(config.edge, providers=config.providers)
@@ -369,7 +383,7 @@ class EdgeClient:
             )
             timings["queue"] += t_queue
             timings["generate"] = t_gen
-            model = Path(str(cfg.edge)).name
+            model = Path(str(cfg.edge)).name if cfg.edge else type(self.edge).__name__
         timings["total"] = time.perf_counter() - t_start
         timings = {k: _round(v) for k, v in timings.items()}
         result = GenerateResult(
