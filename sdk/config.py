@@ -253,6 +253,8 @@ def _parse_env(name: str, raw: str, f: dataclasses.Field) -> Any:
             raise ValueError
         if kind.startswith("list"):
             return [s.strip() for s in raw.split(",") if s.strip()]
+        if kind.startswith("str"):
+            return raw  # "" is meaningful for decision_log / state_file: off
         if "None" in kind and raw.strip() == "":
             return None
         if kind.startswith("int"):

@@ -166,3 +166,14 @@ def test_config_env_bad_value():
         load_config(None, environ={"ROUTET2I_DEADLINE_S": "soon"})
     with pytest.raises(UsageError, match="does not exist"):
         load_config("/nonexistent/routet2i.toml", environ={})
+
+
+def test_config_env_empty_string_turns_files_off():
+    c = load_config(
+        None, environ={"ROUTET2I_STATE_FILE": "", "ROUTET2I_DECISION_LOG": "", "ROUTET2I_STEPS": "x"}
+    )
+    assert c.resolved_state_file() is None and c.resolved_decision_log() is None
+    c = load_config(
+        None, environ={"ROUTET2I_NUM_INFERENCE_STEPS": "4", "ROUTET2I_PROVIDERS": "CPUExecutionProvider"}
+    )
+    assert c.num_inference_steps == 4 and c.providers == ["CPUExecutionProvider"]
