@@ -56,7 +56,8 @@ class ClientConfig:
     # --- bundles (top level of the TOML)
     router: str | None = None  # router bundle folder (`routet2i export router`)
     edge: str | None = None  # edge bundle folder (`routet2i export edge`)
-    providers: list[str] | None = None  # ONNX Runtime providers, best first; None: TensorRT -> CUDA -> CPU
+    providers: list[Any] | None = None  # ONNX Runtime providers (names or [name, {options}]), best first;
+    # None: the best available of TensorRT -> CUDA -> CPU
     # --- [cloud]
     cloud: str | None = None  # "host:port" of the cloud endpoint; None: edge only
     tls: bool = False  # TLS channel (system roots unless ca_cert is set)
@@ -94,7 +95,7 @@ class ClientConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: C901 - one flat list of checks
         """Raise UsageError naming the field, its value and what is allowed."""
         if self.target_cloud_rate is not None and not (
             isinstance(self.target_cloud_rate, (int, float)) and 0.0 <= self.target_cloud_rate <= 1.0
@@ -124,10 +125,28 @@ class ClientConfig:
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UsageError(f"{name}={value!r}: must be a list of strings")
-        if self.providers is not None and (
-            not isinstance(self.providers, list) or not all(isinstance(p, str) for p in self.providers)
-        ):
-            raise UsageError(f"providers={self.providers!r}: must be a list of provider names")
+        if self.providers is not None:
+            ok = isinstance(self.providers, list)
+            norm: list[Any] = []
+            for p in self.providers if ok else ():
+                if isinstance(p, str):
+                    norm.append(p)
+                elif (
+                    isinstance(p, (list, tuple))
+                    and len(p) == 2
+                    and isinstance(p[0], str)
+                    and isinstance(p[1], dict)
+                ):
+                    norm.append(
+                        (p[0], dict(p[1]))
+                    )  # (name, provider options), e.g. TensorRT's trt_fp16_enable
+                else:
+                    ok = False
+            if not ok:
+                raise UsageError(
+                    f"providers={self.providers!r}: must be a list of provider names or [name, {{options}}] pairs"
+                )
+            self.providers = norm
 
     def resolved_decision_log(self) -> Path | None:
         if self.decision_log == "":

@@ -177,3 +177,13 @@ def test_config_env_empty_string_turns_files_off():
         None, environ={"ROUTET2I_NUM_INFERENCE_STEPS": "4", "ROUTET2I_PROVIDERS": "CPUExecutionProvider"}
     )
     assert c.num_inference_steps == 4 and c.providers == ["CPUExecutionProvider"]
+
+
+def test_config_provider_options(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('providers = [["TensorrtExecutionProvider", {trt_fp16_enable = true}], "cpu"]\n')
+    c = load_config(cfg, environ={})
+    assert c.providers == [("TensorrtExecutionProvider", {"trt_fp16_enable": True}), "cpu"]
+    cfg.write_text("providers = [3]\n")
+    with pytest.raises(UsageError, match="providers"):
+        load_config(cfg, environ={})
