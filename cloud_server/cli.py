@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
     s.add_argument("--device", help="torch device (default: cuda, then mps, then cpu)")
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on GPU")
+    s.add_argument("--torch-threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--noop-step-delay", type=float, default=0.0, help="seconds per step of the noop pipeline")
 
     device = sub.add_parser("device", help="devices and quotas")
@@ -181,7 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     def loader() -> Any:
         return load_pipeline(args.pipeline, device=args.device, dtype=args.dtype,
-                             noop_step_delay_s=args.noop_step_delay)  # fmt: skip
+                             noop_step_delay_s=args.noop_step_delay, torch_threads=args.torch_threads)  # fmt: skip
 
     async def main() -> None:
         server, port = await create_server(

@@ -54,14 +54,11 @@ class DeadlineExceeded(CloudError):
     """The client's deadline passed before generation could start."""
 
 
-class Cancelled(CloudError):
-    """The request was cancelled (by the client, or by a shutdown) before it finished."""
-
-
 class ReservationLost(CloudError):
     """The quota reservation expired before the result could be committed; nothing was charged."""
 
 
+# Admin-side errors (CLI and store API), never raised by an RPC:
 class DeviceExists(CloudError, ValueError):
     """`device add` for an id that already exists (admin side only)."""
 

@@ -82,10 +82,14 @@ class NoOpPipeline:
 class SD3Pipeline:
     """A diffusers `StableDiffusion3Pipeline` loaded from a folder or a Hugging Face id."""
 
-    def __init__(self, spec: str, device: str | None = None, dtype: str | None = None) -> None:
+    def __init__(
+        self, spec: str, device: str | None = None, dtype: str | None = None, torch_threads: int | None = None
+    ) -> None:
         import torch
         from diffusers import StableDiffusion3Pipeline
 
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().is_dir():
             raise FileNotFoundError(f"--pipeline {spec}: no such folder")
         self.device = device or _best_device(torch)
@@ -155,9 +159,13 @@ def _resolve_dtype(torch: Any, dtype: str | None, device: str) -> Any:
 
 
 def load_pipeline(
-    spec: str, device: str | None = None, dtype: str | None = None, noop_step_delay_s: float = 0.0
+    spec: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    noop_step_delay_s: float = 0.0,
+    torch_threads: int | None = None,
 ) -> Pipeline:
     """`noop` -> `NoOpPipeline`; anything else is a diffusers folder or Hugging Face id of an SD3 pipeline."""
     if spec == "noop":
         return NoOpPipeline(step_delay_s=noop_step_delay_s)
-    return SD3Pipeline(spec, device=device, dtype=dtype)
+    return SD3Pipeline(spec, device=device, dtype=dtype, torch_threads=torch_threads)

@@ -28,9 +28,7 @@ from routet2i.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 from routet2i.cloud_server.batcher import GenerationFailed
 from routet2i.cloud_server.core import CloudCore, GenerateInput, GenerateResult, ServerConfig
 from routet2i.cloud_server.errors import (
-    Cancelled,
     DeadlineExceeded,
-    DeviceExists,
     InvalidArgument,
     NotReady,
     Overloaded,
@@ -38,7 +36,6 @@ from routet2i.cloud_server.errors import (
     RequestInProgress,
     ReservationLost,
     Unauthenticated,
-    UnknownDevice,
 )
 from routet2i.cloud_server.metrics import Metrics
 from routet2i.cloud_server.pipelines import Pipeline, load_pipeline
@@ -58,10 +55,7 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     RequestInProgress: grpc.StatusCode.ABORTED,
     ReservationLost: grpc.StatusCode.ABORTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Cancelled: grpc.StatusCode.CANCELLED,
     GenerationFailed: grpc.StatusCode.INTERNAL,
-    DeviceExists: grpc.StatusCode.ALREADY_EXISTS,
-    UnknownDevice: grpc.StatusCode.NOT_FOUND,
 }
 
 
@@ -127,6 +121,13 @@ def _response(r: GenerateResult) -> cloud_pb2.GenerateResponse:
     )  # fmt: skip
 
 
+def _log_fields(request: cloud_pb2.GenerateRequest, inp: GenerateInput) -> dict[str, Any]:
+    fields: dict[str, Any] = {"request_id": inp.request_id}
+    if request.HasField("routing"):
+        fields.update({f"route_{k}": v for k, v in inp.routing.items()})
+    return fields
+
+
 def _logfmt(fields: dict[str, Any]) -> str:
     parts = []
     for k, v in fields.items():
@@ -144,25 +145,26 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
     async def _finish(
         self, method: str, t0: float, log: dict, exc: BaseException | None, context: Any
     ) -> None:
-        status = None if exc is None else status_for(exc)
-        code = grpc.StatusCode.OK if status is None else status.code
-        if isinstance(exc, asyncio.CancelledError):
-            code = grpc.StatusCode.CANCELLED
+        cancelled = isinstance(exc, asyncio.CancelledError)  # client went away, deadline, or shutdown
+        status = None if exc is None or cancelled else status_for(exc)
+        code = (
+            grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.OK if status is None else status.code
+        )
         self.core.metrics.requests.labels(method, code.name).inc()
         if method != "GetQuota":
             self.core.metrics.request_seconds.observe(time.monotonic() - t0)
         fields = {"rpc": method, "code": code.name, **log, "total_s": round(time.monotonic() - t0, 4)}
-        if status is not None and not isinstance(exc, asyncio.CancelledError):
+        if status is not None:
             fields["error"] = status.details
         logger.log(logging.INFO if code == grpc.StatusCode.OK else logging.WARNING, _logfmt(fields))
-        if status is not None and not isinstance(exc, asyncio.CancelledError):
+        if status is not None:
             await context.abort(status.code, status.details, status.trailing_metadata)
 
     async def Generate(self, request: cloud_pb2.GenerateRequest, context: Any) -> cloud_pb2.GenerateResponse:
         t0, log = time.monotonic(), {}
         try:
             inp = _input(request)
-            log.update(request_id=inp.request_id, **{f"route_{k}": v for k, v in inp.routing.items()})
+            log.update(_log_fields(request, inp))
             logger.debug("prompt request_id=%s prompt=%r", inp.request_id, inp.prompt)
             result = await self.core.generate(_token(context), inp, deadline=_deadline(context), log=log)
         except BaseException as exc:  # noqa: BLE001 - mapped to a status in one place
@@ -179,7 +181,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
         task: asyncio.Task | None = None
         try:
             inp = _input(request)
-            log.update(request_id=inp.request_id, **{f"route_{k}": v for k, v in inp.routing.items()})
+            log.update(_log_fields(request, inp))
             logger.debug("prompt request_id=%s prompt=%r", inp.request_id, inp.prompt)
             task = asyncio.ensure_future(
                 self.core.generate(
