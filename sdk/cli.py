@@ -181,7 +181,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors (2) and --help (0), message already printed
+        return int(exc.code or 0)
     _setup_logging(args.verbose)
     try:
         return run(args)
