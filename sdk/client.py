@@ -14,6 +14,7 @@ Every decision is appended to the decision log. `AsyncEdgeClient` is the asyncio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import logging
@@ -332,10 +333,14 @@ class EdgeClient:
                 call = self.cloud.generate(req, on_progress=cb, deadline_s=deadline_s)
             except QuotaExhausted as exc:
                 route, reason, cloud_error, attempts = "edge", "quota_exhausted", str(exc), exc.attempts
-                if exc.quota is not None:
-                    self.state.set_quota(exc.quota)
+                q = exc.quota
+                if q is None:  # QuotaFailure carries no period end: ask (free) so the device knows how long
+                    with contextlib.suppress(CloudError):
+                        q = self.cloud.get_quota(timeout=min(2.0, cfg.deadline_s))
+                if q is not None:
+                    self.state.set_quota(q)
                 known = self.state.quota
-                end = exc.quota.period_end_unix if exc.quota else (known.period_end_unix if known else 0)
+                end = known.period_end_unix if known is not None and known.current(time.time()) else 0
                 self.state.mark_exhausted(exhaustion_end(end, time.time()))
                 quota = self.state.quota
                 timings["network"] = time.perf_counter() - t_cloud
@@ -378,9 +383,24 @@ class EdgeClient:
                 if cloud_error is not None:
                     raise ConnectionError(f"no edge bundle configured to fall back on: {cloud_error}")
                 raise UsageError("no edge bundle configured: pass edge=... (or force='cloud')")
-            image, t_queue, t_gen = self._edge_generate(
-                request_id, prompt, negative, steps, guidance, width, height, seed, progress
-            )
+            try:
+                image, t_queue, t_gen = self._edge_generate(
+                    request_id, prompt, negative, steps, guidance, width, height, seed, progress
+                )
+            except BaseException:
+                self._log(
+                    request_id,
+                    prompt,
+                    route,
+                    reason,
+                    decision,
+                    timings,
+                    quota,
+                    seed,
+                    cloud_error,
+                    failed=True,
+                )
+                raise
             timings["queue"] += t_queue
             timings["generate"] = t_gen
             model = Path(str(cfg.edge)).name if cfg.edge else type(self.edge).__name__
