@@ -136,6 +136,47 @@ def _logfmt(fields: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+class _Undecodable:
+    """What the deserializer hands the servicer for bytes that are not the expected message."""
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+
+def _lenient(message_cls: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except Exception:  # DecodeError, invalid UTF-8 in a string field, ...
+            return _Undecodable(message_cls.DESCRIPTOR.name)
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("request", f"is not a valid {request.message_name} protobuf message")
+
+
+def add_servicer(servicer: CloudGenerationServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_CloudGenerationServicer_to_server, but undecodable requests reach the servicer
+    (and become INVALID_ARGUMENT) instead of grpc's UNKNOWN plus a logged traceback."""
+    pb = cloud_pb2
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, _lenient(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
+        ),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream, _lenient(pb.GenerateRequest), pb.GenerateEvent.SerializeToString
+        ),
+        "GetQuota": grpc.unary_unary_rpc_method_handler(
+            servicer.GetQuota, _lenient(pb.GetQuotaRequest), pb.QuotaStatus.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
     """Translates protobuf <-> `CloudCore` and errors -> statuses; logs one line per RPC."""
 
@@ -163,6 +204,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
     async def Generate(self, request: cloud_pb2.GenerateRequest, context: Any) -> cloud_pb2.GenerateResponse:
         t0, log = time.monotonic(), {}
         try:
+            _check_decoded(request)
             inp = _input(request)
             log.update(_log_fields(request, inp))
             logger.debug("prompt request_id=%s prompt=%r", inp.request_id, inp.prompt)
@@ -180,6 +222,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
         events: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         task: asyncio.Task | None = None
         try:
+            _check_decoded(request)
             inp = _input(request)
             log.update(_log_fields(request, inp))
             logger.debug("prompt request_id=%s prompt=%r", inp.request_id, inp.prompt)
@@ -213,6 +256,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
     async def GetQuota(self, request: cloud_pb2.GetQuotaRequest, context: Any) -> cloud_pb2.QuotaStatus:
         t0, log = time.monotonic(), {}
         try:
+            _check_decoded(request)
             snap = await self.core.quota(_token(context))
             log["device_id"] = snap.device_id
         except BaseException as exc:  # noqa: BLE001
@@ -309,7 +353,7 @@ async def create_server(
         ],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    cloud_pb2_grpc.add_CloudGenerationServicer_to_server(CloudGenerationServicer(core), server)
+    add_servicer(CloudGenerationServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
