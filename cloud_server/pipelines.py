@@ -85,13 +85,13 @@ class SD3Pipeline:
     def __init__(
         self, spec: str, device: str | None = None, dtype: str | None = None, torch_threads: int | None = None
     ) -> None:
+        if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().is_dir():
+            raise FileNotFoundError(f"--pipeline {spec}: no such folder")
         import torch
         from diffusers import StableDiffusion3Pipeline
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().is_dir():
-            raise FileNotFoundError(f"--pipeline {spec}: no such folder")
         self.device = device or _best_device(torch)
         torch_dtype = _resolve_dtype(torch, dtype, self.device)
         t0 = time.perf_counter()
