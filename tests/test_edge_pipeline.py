@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _device_bundles import edge_bundle_for
 from routet2i._errors import BundleError, BundleFileMissing
 from routet2i.edge_pipeline import EdgePipeline, SizeRule, load_clip_tokenizer
 from routet2i.ort import OrtModel, SessionConfig, available_providers, resolve_providers
@@ -21,13 +22,9 @@ PROMPTS = ["a red fox in the snow", "An astronaut riding a horse, oil painting!"
 
 
 @pytest.fixture(scope="session")
-def edge_bundle(tiny_models, tmp_path_factory) -> Path:
+def edge_bundle(tiny_models) -> Path:
     """The tiny SD2.1 pipeline through `routet2i export edge` (optimum-onnx layout + manifest)."""
-    from routet2i.export.edge import EdgeExportConfig, export_edge
-
-    out = tmp_path_factory.mktemp("edge-pipeline") / "edge"
-    export_edge(EdgeExportConfig(pipeline=str(tiny_models["edge-sd21"]), out=out, vae_encoder=False))
-    return out
+    return edge_bundle_for(tiny_models["edge-sd21"])
 
 
 @pytest.fixture(scope="module")

