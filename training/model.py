@@ -109,7 +109,7 @@ class Block(nn.Module):
         super().__init__()
         if d % n_heads:
             raise ValueError(f"n_heads={n_heads} must divide hidden_size={d}")
-        self.n_heads = n_heads
+        self.d, self.n_heads, self.head_dim = d, n_heads, d // n_heads
         self.ln1 = nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -118,12 +118,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, n, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (t.reshape(B, n, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.n_heads)  # [B, heads, n, n]
+        B, n, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(self.d, dim=-1)
+        q, k, v = (t.reshape(B, n, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, heads, n, n]
         att = att.masked_fill(~mask[:, None, None, :], _NEG).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(B, n, d)
+        y = (att @ v).transpose(1, 2).reshape(B, n, self.d)
         x = x + self.drop(self.proj(y))
         return x + self.drop(self.mlp(self.ln2(x)))
 
