@@ -115,8 +115,14 @@ def _pipeline_configs(pipeline: str) -> tuple[dict[str, Any], dict[str, Any], di
     """(model_index, unet config, vae config) from a folder or a hub id (hub: downloads the JSON only)."""
     folder = Path(pipeline)
     if folder.is_dir():
+        index = _load_json(folder / "model_index.json")
+        if index.get("_class_name") != "StableDiffusionPipeline":
+            raise UsageError(
+                f"--pipeline {pipeline}: not an SD2.1-shaped pipeline: "
+                f"_class_name={index.get('_class_name')!r} (SD2.1: 'StableDiffusionPipeline')"
+            )
         return (
-            _load_json(folder / "model_index.json"),
+            index,
             _load_json(folder / "unet" / "config.json"),
             _load_json(folder / "vae" / "config.json"),
         )
@@ -193,10 +199,17 @@ def _onnx_bytes(folder: Path) -> int:
 def _patched_unet_attention_fusion() -> Iterator[None]:
     """ORT's FusionAttentionUnet.get_num_heads calls int() on a 1-element array, a TypeError with numpy >= 2
     (seen with numpy 2.4 and onnxruntime 1.32). Same logic with ``.item()``, only for this call."""
-    import numpy as np
-    from onnxruntime.transformers import fusion_attention_unet as fau
+    import sys
 
-    original = fau.FusionAttentionUnet.get_num_heads
+    import numpy as np
+    from onnxruntime.transformers import optimizer  # noqa: F401  (puts its folder on sys.path)
+
+    # onnxruntime.transformers imports its modules both as a package and top-level (sys.path): patch both.
+    classes = {
+        mod.FusionAttentionUnet
+        for name in ("fusion_attention_unet", "onnxruntime.transformers.fusion_attention_unet")
+        if (mod := sys.modules.get(name)) is not None
+    }
 
     def get_num_heads(self, reshape_q, is_torch2: bool = False) -> int:
         num_heads = 0
@@ -212,11 +225,14 @@ def _patched_unet_attention_fusion() -> Iterator[None]:
                 num_heads = int(value[2].item())
         return num_heads if num_heads > 0 else 0
 
-    fau.FusionAttentionUnet.get_num_heads = get_num_heads
+    originals = {cls: cls.get_num_heads for cls in classes}
+    for cls in classes:
+        cls.get_num_heads = get_num_heads
     try:
         yield
     finally:
-        fau.FusionAttentionUnet.get_num_heads = original
+        for cls, original in originals.items():
+            cls.get_num_heads = original
 
 
 def _optimize_graph(path: Path, name: str, target: str, fp16: bool) -> dict[str, int]:
