@@ -6,10 +6,13 @@ device id always comes from the token's row, never from a request. Hashes are co
 `hmac.compare_digest`, and an unknown key id is compared against a dummy hash so that both failures cost
 the same.
 
-Quota accounting is a ledger of charges, one row per (device, request_id)::
+Quota accounting is a ledger of charges, one row per (device, request_id), plus a per-(device, period)
+counter of committed charges (so a check costs the same after a million requests as after one)::
 
-    reserve  INSERT ... SELECT ... WHERE <live charges this period> < <limit>   ON CONFLICT DO NOTHING
-    commit   UPDATE ... SET state='committed' WHERE ... AND state='reserved' AND expires_unix > now
+    reserve  INSERT ... SELECT ... WHERE <committed counter> + <live reservations> < <limit>
+             ON CONFLICT DO NOTHING
+    commit   UPDATE ... SET state='committed' WHERE ... AND state='reserved' AND expires_unix > now,
+             and the counter +1 in the same statement (SQLite: a trigger; PostgreSQL: a data-modifying CTE)
     release  DELETE ... WHERE ... AND state='reserved'
 
 Each is one atomic statement. The reserve's check and insert are serialised per device: in SQLite by
@@ -83,25 +86,44 @@ _SCHEMA = (
         created_unix DOUBLE PRECISION NOT NULL,
         expires_unix DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (device_id, request_id))""",
-    "CREATE INDEX IF NOT EXISTS rt2i_charges_period ON rt2i_charges (device_id, period_start, state)",
+    "CREATE INDEX IF NOT EXISTS rt2i_charges_live ON rt2i_charges (device_id, state, period_start, expires_unix)",
+    """CREATE TABLE IF NOT EXISTS rt2i_usage (
+        device_id TEXT NOT NULL,
+        period_start BIGINT NOT NULL,
+        used BIGINT NOT NULL,
+        PRIMARY KEY (device_id, period_start))""",
 )
+# SQLite: the commit's UPDATE bumps the usage counter through this trigger, inside the same statement.
+_SQLITE_TRIGGER = """CREATE TRIGGER IF NOT EXISTS rt2i_count_commit AFTER UPDATE OF state ON rt2i_charges
+    WHEN NEW.state = 'committed' AND OLD.state = 'reserved'
+    BEGIN
+        INSERT INTO rt2i_usage (device_id, period_start, used) VALUES (NEW.device_id, NEW.period_start, 1)
+        ON CONFLICT (device_id, period_start) DO UPDATE SET used = used + 1;
+    END"""
 
 _RESERVE = """INSERT INTO rt2i_charges
     (device_id, request_id, period_start, state, seed, created_unix, expires_unix)
     SELECT ?, ?, ?, 'reserved', ?, ?, ?
-    WHERE (SELECT count(*) FROM rt2i_charges
-           WHERE device_id = ? AND period_start = ? AND (state = 'committed' OR expires_unix > ?))
+    WHERE COALESCE((SELECT used FROM rt2i_usage WHERE device_id = ? AND period_start = ?), 0)
+        + (SELECT count(*) FROM rt2i_charges
+           WHERE device_id = ? AND state = 'reserved' AND period_start = ? AND expires_unix > ?)
         < (SELECT quota_limit FROM rt2i_devices WHERE device_id = ?)
     ON CONFLICT (device_id, request_id) DO NOTHING"""
-_COMMIT = """UPDATE rt2i_charges SET state = 'committed', expires_unix = ?
+_COMMIT_SQLITE = """UPDATE rt2i_charges SET state = 'committed', expires_unix = ?
     WHERE device_id = ? AND request_id = ? AND state = 'reserved' AND expires_unix > ?"""
+_COMMIT_PG = """WITH c AS (
+        UPDATE rt2i_charges SET state = 'committed', expires_unix = ?
+        WHERE device_id = ? AND request_id = ? AND state = 'reserved' AND expires_unix > ?
+        RETURNING device_id, period_start)
+    INSERT INTO rt2i_usage (device_id, period_start, used) SELECT device_id, period_start, 1 FROM c
+    ON CONFLICT (device_id, period_start) DO UPDATE SET used = rt2i_usage.used + 1"""
 _RELEASE = "DELETE FROM rt2i_charges WHERE device_id = ? AND request_id = ? AND state = 'reserved'"
 _DROP_EXPIRED = """DELETE FROM rt2i_charges
     WHERE device_id = ? AND request_id = ? AND state = 'reserved' AND expires_unix <= ?"""
 _USAGE = """SELECT
-    COALESCE(SUM(CASE WHEN state = 'committed' THEN 1 ELSE 0 END), 0),
-    COALESCE(SUM(CASE WHEN state = 'reserved' AND expires_unix > ? THEN 1 ELSE 0 END), 0)
-    FROM rt2i_charges WHERE device_id = ? AND period_start = ?"""
+    COALESCE((SELECT used FROM rt2i_usage WHERE device_id = ? AND period_start = ?), 0),
+    (SELECT count(*) FROM rt2i_charges
+     WHERE device_id = ? AND state = 'reserved' AND period_start = ? AND expires_unix > ?)"""
 _DEVICE_COLS = "device_id, quota_limit, period, created_unix"
 
 
@@ -176,6 +198,7 @@ class QuotaStore(ABC):
     from worker threads."""
 
     url: str
+    _commit_sql: str  # the dialect's single commit statement (flips the charge, bumps the usage counter)
 
     # -- the SQL dialect -----------------------------------------------------------------------------------
     @abstractmethod
@@ -263,7 +286,9 @@ class QuotaStore(ABC):
         now = time.time() if now is None else now
         dev = self.get_device(device if isinstance(device, str) else device.device_id)
         start, end = period_window(dev.period, now)
-        used, reserved = (int(x) for x in self._read(_USAGE, (now, dev.device_id, start))[0])
+        used, reserved = (
+            int(x) for x in self._read(_USAGE, (dev.device_id, start, dev.device_id, start, now))[0]
+        )
         return QuotaSnapshot(
             dev.device_id, dev.limit, used, reserved, max(dev.limit - used - reserved, 0), dev.period, end
         )
@@ -279,7 +304,7 @@ class QuotaStore(ABC):
                 cur.execute(
                     _RESERVE,
                     (device.device_id, request_id, start, str(seed), now, now + ttl_s)
-                    + (device.device_id, start, now, device.device_id),
+                    + (device.device_id, start, device.device_id, start, now, device.device_id),
                 )
                 if cur.rowcount == 1:
                     return Reservation(device.device_id, request_id, seed, charged=True)
@@ -308,7 +333,7 @@ class QuotaStore(ABC):
             return
         now = time.time() if now is None else now
         with self._write() as cur:
-            cur.execute(_COMMIT, (now, res.device_id, res.request_id, now))
+            cur.execute(self._commit_sql, (now, res.device_id, res.request_id, now))
             if cur.rowcount != 1:
                 raise ReservationLost(
                     f"the quota reservation of request_id {res.request_id!r} expired before the image was "
@@ -341,6 +366,8 @@ class _SqliteCursor:
 class SqliteStore(QuotaStore):
     """SQLite in WAL mode: safe for several server processes on one host (writers take turns)."""
 
+    _commit_sql = _COMMIT_SQLITE
+
     def __init__(self, path: str | os.PathLike[str], busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
@@ -351,7 +378,7 @@ class SqliteStore(QuotaStore):
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"the folder of the SQLite store {self.path} does not exist")
         with self._write() as cur:
-            for stmt in _SCHEMA:
+            for stmt in (*_SCHEMA, _SQLITE_TRIGGER):
                 cur.execute(stmt)
 
     def _conn(self) -> sqlite3.Connection:
@@ -410,6 +437,8 @@ class PostgresStore(QuotaStore):
 
     Tables live in the connection's search_path (choose a schema with
     ``?options=-csearch_path%3Dmyschema`` in the URL)."""
+
+    _commit_sql = _COMMIT_PG
 
     def __init__(self, url: str, connect_timeout_s: float = 10.0) -> None:
         try:
