@@ -19,15 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from routet2i.cloud_server.errors import DeadlineExceeded, NotReady, Overloaded
+from routet2i.cloud_server.errors import DeadlineExceeded, GenerationFailed, NotReady, Overloaded
 from routet2i.cloud_server.metrics import Metrics
 from routet2i.cloud_server.pipelines import GenParams, Pipeline
 
 logger = logging.getLogger(__name__)
-
-
-class GenerationFailed(Exception):
-    """The pipeline raised; the cause is logged server-side, the client gets INTERNAL."""
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The transport-free core of the cloud endpoint: validate, authenticate, reserve quota, batch, commit.
 
 The gRPC servicer (`servicer.py`) only translates protobuf <-> these dataclasses and domain errors <->
-status codes. Everything here raises `routet2i.cloud_server.errors.CloudError` subclasses (or
-`GenerationFailed`), whose messages are safe to show a client.
+status codes. Everything here raises `routet2i.cloud_server.errors.CloudError` subclasses, whose messages
+are safe to show a client.
 
 Charging rule: one unit per successful generation. A unit is reserved before the request is queued,
 committed after the image is encoded, and released on every other outcome (bad pipeline call, cancelled,
@@ -178,12 +178,16 @@ class CloudCore:
         request_id = req.request_id or f"srv-{uuid.uuid4().hex}"
         log["request_id"] = request_id
         seed = req.seed if req.seed is not None else secrets.randbits(64)
+        reserving = asyncio.ensure_future(
+            asyncio.to_thread(self.store.reserve, device, request_id, seed, self.config.reservation_ttl_s)
+        )
         try:
-            res = await asyncio.to_thread(
-                self.store.reserve, device, request_id, seed, self.config.reservation_ttl_s
-            )
+            res = await asyncio.shield(reserving)
         except QuotaExhausted:
             self.metrics.quota_denials.inc()
+            raise
+        except asyncio.CancelledError:  # the reservation may still land in its thread: give it back then
+            reserving.add_done_callback(self._release_when_reserved)
             raise
         if not res.charged and req.seed is None:
             seed = res.seed  # a replay without a seed: the first attempt's seed gives the same image
@@ -218,6 +222,10 @@ class CloudCore:
             gen_s,
             res.charged,
         )
+
+    def _release_when_reserved(self, reserving: asyncio.Future) -> None:
+        if not reserving.cancelled() and reserving.exception() is None:
+            asyncio.ensure_future(_release(self.store, reserving.result()))
 
     def begin_shutdown(self) -> None:
         """Stop accepting generations; in-flight ones continue."""

@@ -54,6 +54,10 @@ class DeadlineExceeded(CloudError):
     """The client's deadline passed before generation could start."""
 
 
+class GenerationFailed(CloudError):
+    """The pipeline raised; the cause is logged server-side, the client gets INTERNAL without details."""
+
+
 class ReservationLost(CloudError):
     """The quota reservation expired before the result could be committed; nothing was charged."""
 

@@ -25,10 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from routet2i.cloud.v1 import cloud_pb2, cloud_pb2_grpc
-from routet2i.cloud_server.batcher import GenerationFailed
 from routet2i.cloud_server.core import CloudCore, GenerateInput, GenerateResult, ServerConfig
 from routet2i.cloud_server.errors import (
     DeadlineExceeded,
+    GenerationFailed,
     InvalidArgument,
     NotReady,
     Overloaded,
@@ -368,8 +368,9 @@ async def create_server(
         raise OSError(f"--listen {listen!r}: could not bind ({e})") from e
     await server.start()
     cs = CloudServer(server, core, health_servicer, port, owns_store)
-    if metrics_port is not None:
-        metrics.serve_http(metrics_port)
+    if metrics_port is not None:  # on the same interface as the gRPC port
+        host = listen.rsplit(":", 1)[0].strip("[]")
+        metrics.serve_http(metrics_port, addr=host or "0.0.0.0")
     try:
         await core.start()
     except BaseException:
