@@ -54,15 +54,17 @@ def test_padding_is_never_selected_and_k_per_expert() -> None:
     torch.manual_seed(0)
     model = RouteT2IRouter(_cfg(top_k=3)).eval()
     states, mask = _batch([9, 5, 2, 1])
-    states[:, 5:] = 50.0  # huge padding states would win the gate if masking failed
+    states[1:, 5:] = 50.0  # huge padding states would win the gate if masking failed
     logits = torch.einsum("bnd,kd->bkn", states, model.expert_emb).masked_fill(~mask.bool()[:, None], -1e9)
-    keep = model.select(logits, mask.bool())
-    assert not keep[~mask.bool()[:, None, :].expand_as(keep)].any()
-    counts = keep.sum(dim=-1)  # [B, k]
-    assert counts.tolist() == [[3] * 3, [3] * 3, [2] * 3, [1] * 3]  # min(K, valid length)
+    idx, keep = model.select(logits, mask.bool())
+    assert idx.shape == keep.shape == (4, 3, 3)  # [B, k, K] whatever the prompt length
+    lengths = mask.sum(dim=1)
+    assert torch.all(idx[keep] < lengths[:, None, None].expand_as(idx)[keep])  # kept = real tokens only
+    assert keep.sum(dim=-1).tolist() == [[3] * 3, [3] * 3, [2] * 3, [1] * 3]  # min(K, valid length)
     # The kept tokens are the K largest gate logits among the valid ones.
-    top = logits[0, 0].topk(3).indices.sort().values
-    assert torch.equal(torch.nonzero(keep[0, 0]).flatten(), top)
+    for b in (0, 1):
+        top = logits[b, 0].topk(3).indices.sort().values
+        assert torch.equal(idx[b, 0].sort().values, top)
 
 
 def test_padding_content_does_not_change_outputs() -> None:

@@ -18,9 +18,10 @@ Choices the paper leaves open (ours, documented here and in the config):
   each token matters to metric i. A softmax over experts would be the constant 1 whenever there is a single
   expert (a one-metric dataset, or the no-multi-metric ablation) and top-K would then pick arbitrary tokens.
   Logits are scaled by 1/sqrt(d).
-- Top-K selection is a rank mask computed with comparisons (a token is kept when fewer than K valid tokens
-  score above it; ties go to the earlier position), not ``torch.topk`` with a Python ``min(K, n)``: the
-  graph has static shapes for every length, K >= n keeps every valid token, and padding is never kept.
+- Top-K selection: ``topk`` with a constant K over the token axis padded with K masked slots (so a prompt
+  shorter than K keeps all its tokens and some zero-weight padding slots, with no data-dependent
+  ``min(K, n)`` in the graph); only the K selected tokens of each expert go through the dual gate.
+  Padding is never kept.
 - Dual gate: T+ = act(T P+) S and T- = act(T P-) S with S shared, contrast sigmoid(T+ - T-). The activation
   after each projection (GELU by default) is what keeps the two paths from collapsing into one projection
   T (P+ - P-) S. The no-dual-gate ablation uses one path sigmoid(act(T P) S) (same output range).
@@ -74,7 +75,7 @@ class RouterConfig:
     rank: int = 16  # l: width of the low-rank projections P+ and P- (l << h, d)
     score_dim: int = 64  # h: width of the shared scoring matrix S and of the pooled vector
     activation: str = "gelu"  # nonlinearity after each projection P+/P- ("gelu", "relu", "tanh")
-    dropout: float = 0.1  # dropout on token states and before the heads (training only)
+    dropout: float = 0.1  # dropout on the pooled vectors before the heads (training only)
     multimetric: bool = True  # False = ablation "no multi-metric": one expert + one head trained on PRS
     token_selection: bool = True  # False = ablation "no token selection": every valid token (K = n)
     dual_gate: bool = True  # False = ablation "no dual gate": one projection, no positive/negative contrast
@@ -157,46 +158,57 @@ class RouteT2IRouter(nn.Module):
                 nn.init.normal_(p, std=1.0 / math.sqrt(d))
         nn.init.normal_(self.score, std=1.0 / math.sqrt(r))
 
-    def select(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Boolean [B, k, n]: the top-K valid tokens of each expert by gate logit (all valid ones if off)."""
-        valid = mask[:, None, :].expand_as(logits)
-        if not self.config.token_selection:
-            return valid
-        n = logits.shape[-1]
-        pos = torch.arange(n, device=logits.device)
-        s_i, s_j = logits[..., :, None], logits[..., None, :]  # token i (kept?) against every token j
-        earlier = (pos[None, :] < pos[:, None])[None, None]  # [1, 1, n, n]: j comes before i
-        beats = (s_j > s_i) | ((s_j == s_i) & earlier)  # masked j have logit -1e9: never beat a valid i
-        rank = beats.to(torch.int64).sum(dim=-1)  # [B, k, n]
-        return (rank < self.config.top_k) & valid
+    def select(self, logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx [B, k, K], keep [B, k, K]): each expert's K highest-gate tokens and which of them are real.
+
+        The token axis is first padded with K masked slots, so ``topk`` always has K candidates whatever
+        the prompt length (a constant K in the graph); a prompt shorter than K fills the rest with padding
+        slots whose ``keep`` is False and whose pooling weight is zero. Padding is never kept.
+        """
+        B, k, _ = logits.shape
+        K = self.config.top_k
+        logits = torch.cat([logits, logits.new_full((B, k, K), _NEG)], dim=-1)
+        valid = torch.cat([mask, mask.new_zeros((B, K))], dim=-1)[:, None, :].expand(B, k, -1)
+        idx = logits.topk(K, dim=-1).indices  # [B, k, K]
+        return idx, valid.gather(-1, idx)
 
     def forward_states(
         self, states: torch.Tensor, attention_mask: torch.Tensor, return_logits: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(PRS^ [B], D^ [B, k]); with ``return_logits`` the second output is the head logits instead."""
         mask = attention_mask.to(torch.bool)
-        x = self.drop(states)
+        x = states
         for block in self.blocks:
             x = block(x, mask)
+        B, n, d = x.shape
+        k = self.expert_emb.shape[0]
         # Gate: A [B, k, n], a softmax over the valid tokens for each expert.
         logits = torch.einsum("bnd,kd->bkn", x, self.expert_emb) / math.sqrt(self.config.hidden_size)
         logits = logits.masked_fill(~mask[:, None, :], _NEG)
         gate = logits.softmax(dim=-1)
-        keep = self.select(logits, mask)
-        w = gate * keep.to(gate.dtype)
+        if self.config.token_selection:
+            # Only the K selected tokens of each expert go on: tokens [B, k, K, d], weights [B, k, K].
+            idx, keep = self.select(logits, mask)
+            x_pad = torch.cat([x, x.new_zeros((B, self.config.top_k, d))], dim=1)
+            gate_pad = torch.cat([gate, gate.new_zeros((B, k, self.config.top_k))], dim=-1)
+            tokens = x_pad[:, None].expand(B, k, -1, d).gather(2, idx[..., None].expand(-1, -1, -1, d))
+            w = gate_pad.gather(-1, idx) * keep.to(gate.dtype)
+        else:
+            tokens = x[:, None].expand(B, k, n, d)  # ablation: every token, [B, k, n, d]
+            w = gate * mask[:, None, :].to(gate.dtype)
         w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-9)  # gate-weighted pooling over the kept tokens
-        # Dual gate: sigmoid(act(T P+) S - act(T P-) S) per expert and token [B, k, n, h].
+        # Dual gate: sigmoid(act(T P+) S - act(T P-) S) per expert and token [B, k, K, h].
         t_pos = torch.einsum(
-            "bknl,klh->bknh", self.act(torch.einsum("bnd,kdl->bknl", x, self.p_pos)), self.score
+            "bkjl,klh->bkjh", self.act(torch.einsum("bkjd,kdl->bkjl", tokens, self.p_pos)), self.score
         )
         if self.p_neg is not None:
             t_neg = torch.einsum(
-                "bknl,klh->bknh", self.act(torch.einsum("bnd,kdl->bknl", x, self.p_neg)), self.score
+                "bkjl,klh->bkjh", self.act(torch.einsum("bkjd,kdl->bkjl", tokens, self.p_neg)), self.score
             )
             t_hat = torch.sigmoid(t_pos - t_neg)
         else:
             t_hat = torch.sigmoid(t_pos)
-        pooled = self.drop(torch.einsum("bkn,bknh->bkh", w, t_hat))  # [B, k, h]
+        pooled = self.drop(torch.einsum("bkj,bkjh->bkh", w, t_hat))  # [B, k, h]
         head_logits = (pooled * self.head_w).sum(dim=-1) + self.head_b  # [B, k]
         d_hat = torch.sigmoid(head_logits)
         prs = (d_hat * self.weights).sum(dim=-1)
