@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-chars", type=_positive_int, default=2000)
     s.add_argument("--reservation-ttl", type=float, default=900.0,
                    help="seconds after which an uncommitted quota reservation stops counting")  # fmt: skip
+    s.add_argument("--max-concurrent-rpcs", type=_positive_int, help="gRPC refuses more (RESOURCE_EXHAUSTED)")
     s.add_argument("--max-receive-bytes", type=_positive_int, default=1 << 20, help="largest request message")
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS)")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -187,7 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         server, port = await create_server(
             args.db, loader, args.listen, config=config, tls=tls, metrics_port=args.metrics_port,
-            max_receive_message_bytes=args.max_receive_bytes,
+            max_receive_message_bytes=args.max_receive_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
         )  # fmt: skip
         print(f"routet2i-cloud: serving on port {port}", flush=True)
         stop = asyncio.Event()

@@ -49,6 +49,27 @@ class ServerConfig:
     max_queue: int = 64  # requests waiting beyond this are refused at once (load shedding)
     reservation_ttl_s: float = 900.0  # a reservation not committed by then stops counting (crash safety)
 
+    def __post_init__(self) -> None:
+        for name in ("default_width", "default_height"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: the model's native size)")
+        for name in ("default_steps", "max_steps", "max_size", "max_prompt_chars", "max_request_id_chars",
+                     "max_batch", "max_queue"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("default_guidance", "max_guidance", "batch_window_s", "reservation_ttl_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}={v} must be a finite number >= 0")
+        if self.reservation_ttl_s == 0:
+            raise ValueError("reservation_ttl_s=0 must be > 0")
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps={self.default_steps} is above max_steps={self.max_steps}")
+        if self.default_guidance > self.max_guidance:
+            raise ValueError(
+                f"default_guidance={self.default_guidance} is above max_guidance={self.max_guidance}"
+            )
+
 
 @dataclass(frozen=True)
 class GenerateInput:

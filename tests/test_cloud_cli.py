@@ -55,6 +55,7 @@ def test_device_add_show_list_set_quota(capsys, store_url):
         (["device", "show", "--device-id", "ghost"], "no device 'ghost'"),
         (["device", "set-quota", "--device-id", "dup"], "give --quota N and/or --period"),
         (["serve", "--pipeline", "noop", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["serve", "--pipeline", "noop", "--batch-window-ms", "-5"], "batch_window_s=-0.005"),
         (["serve", "--pipeline", "/no/such/sd3", "--listen", "127.0.0.1:0"], "no such folder"),
         (
             [

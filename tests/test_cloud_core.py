@@ -29,7 +29,7 @@ def test_validate_resolves_server_defaults():
     ],
 )
 def test_validate_bounds_follow_config_and_model(kw, field):
-    cfg = ServerConfig(max_steps=6, max_size=kw.pop("max_size", 2048))
+    cfg = ServerConfig(max_steps=6, default_steps=4, max_size=kw.pop("max_size", 2048))
     req = GenerateInput(request_id="", prompt="x", **kw)
     with pytest.raises(InvalidArgument) as e:
         validate(req, cfg, NoOpPipeline())
@@ -75,3 +75,14 @@ def test_core_charges_only_successes(sqlite_url):
         store.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [({"max_batch": 0}, "max_batch=0"), ({"batch_window_s": -1.0}, "batch_window_s=-1.0"),
+     ({"default_steps": 200}, "above max_steps"), ({"default_guidance": float("nan")}, "default_guidance=nan"),
+     ({"reservation_ttl_s": 0.0}, "reservation_ttl_s=0")],
+)  # fmt: skip
+def test_server_config_rejects_bad_values(kw, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        ServerConfig(**kw)
