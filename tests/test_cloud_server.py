@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import socket
 import subprocess
 import threading
@@ -437,3 +438,22 @@ def test_tls_and_mutual_tls(serve, certs):
     assert q.device_id == "dev-1"
     for ch in (secure, plain, no_cert, mutual):
         ch.close()
+
+
+def test_logs_have_request_fields_never_the_token_and_prompts_only_at_debug(serve, caplog):
+    srv, stub, token, store = serve()
+    with caplog.at_level(logging.INFO, logger="routet2i"):
+        stub.Generate(request("a secret prompt", request_id="log-1",
+                              routing=cloud_pb2.RoutingInfo(predicted_prs=0.25, reason="router")),
+                      metadata=auth(token), timeout=5)  # fmt: skip
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    line = next(r.getMessage() for r in caplog.records if "request_id=log-1" in r.getMessage())
+    for field in ("rpc=Generate", "code=OK", "device_id=dev-0", "charged=True", "queue_s=", "gen_s=",
+                  "total_s=", "route_reason=router", "route_prs=0.25"):  # fmt: skip
+        assert field in line
+    assert token not in text and token.split("_", 2)[2] not in text and "secret prompt" not in text
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="routet2i"):
+        stub.Generate(request("a secret prompt", request_id="log-2"), metadata=auth(token), timeout=5)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "secret prompt" in text and token not in text
