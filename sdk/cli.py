@@ -105,8 +105,8 @@ def save_png_atomic(image: Any, path: Path) -> None:
 
 def describe(result: Any) -> str:
     """One human line about a decision."""
-    prs = "n/a" if result.prs is None else f"{result.prs:.3f}"
-    alpha = "n/a" if result.alpha is None else f"{result.alpha:.3f}"
+    prs = "n/a" if result.prs is None else f"{result.prs:.4f}"
+    alpha = "n/a" if result.alpha is None else f"{result.alpha:.4f}"
     why = {
         "router": f"PRS^={prs} {'<' if result.route == 'cloud' else '>='} alpha={alpha}",
         "forced": "forced",
@@ -177,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(describe(result))
         print(f"wrote {output} ({result.width}x{result.height}, seed {result.seed})")
+        if args.demo:
+            from routet2i.demo import NOISE_NOTE
+
+            print(NOISE_NOTE)
     return 0
 
 

@@ -158,6 +158,7 @@ class EdgeClient:
             pacing=config.pacing,
             pacing_window_s=config.pacing_window_s,
             pacing_min_requests=config.pacing_min_requests,
+            pacing_min_span_s=config.pacing_min_span_s,
             local_only=LocalOnlyRules(config.local_only_patterns, config.local_only_keywords),
             state=self.state,
             rng=self._rng,

@@ -79,6 +79,7 @@ class ClientConfig:
     pacing: bool = True  # quota-aware pacing: target min(rate, R/M) (ROUTET2I.md section 4)
     pacing_min_requests: int = 5  # requests seen before the device trusts its own request rate
     pacing_window_s: float = 7 * 86400.0  # how far back request times count for the rate estimate
+    pacing_min_span_s: float = 3600.0  # the rate estimate spans at least this long (a burst is not a trend)
     local_only_patterns: list[str] = field(default_factory=list)  # regexes: a match keeps the prompt local
     local_only_keywords: list[str] = field(default_factory=list)  # words (case-insensitive, whole word)
     # --- [log]
@@ -186,6 +187,7 @@ _SECTIONS: dict[str, str | None] = {
     "pacing": "policy",
     "pacing_min_requests": "policy",
     "pacing_window_s": "policy",
+    "pacing_min_span_s": "policy",
     "local_only_patterns": "policy",
     "local_only_keywords": "policy",
     "decision_log": "log",

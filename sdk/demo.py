@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import logging
 import os
@@ -37,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 RECIPE = "demo-v1"  # bump when the recipe changes: a new cache folder is built
 DATASET = "demo"
+EDGE_MODEL, CLOUD_MODEL = "tiny-sd21", "tiny-sd3"  # model names in the demo's quality table
+DEMO_SIZE, DEMO_STEPS = 64, 4  # image size and steps of the demo's data build
 DEMO_DEVICE = "demo-device"
 DEMO_QUOTA = 1000
 NOISE_NOTE = (
@@ -85,7 +86,8 @@ def _routet2i(argv: list[str]) -> None:
     from routet2i.training.cli import main
 
     logger.info("routet2i %s", " ".join(argv))
-    rc = main(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # build chatter on stderr: stdout is the demo's table
+        rc = main(argv)
     if rc != 0:
         raise RuntimeError(f"`routet2i {' '.join(argv)}` failed with exit code {rc}")
 
@@ -103,19 +105,6 @@ def _staged(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _table_models(table: Path) -> tuple[str, str]:
-    """(edge model, cloud model) names as `data build` wrote them."""
-    with open(table, newline="") as f:
-        models = sorted({row["model"] for row in csv.DictReader(f)})
-    if len(models) != 2:
-        raise RuntimeError(f"{table}: expected 2 models, found {models}")
-    edge = [m for m in models if "sd21" in m.lower() or "edge" in m.lower()]
-    cloud = [m for m in models if m not in edge]
-    if len(edge) != 1 or len(cloud) != 1:
-        raise RuntimeError(f"{table}: cannot tell the edge model from the cloud model among {models}")
-    return edge[0], cloud[0]
 
 
 def build_demo(cache_dir: Path | None = None, *, quiet: bool = False) -> dict[str, Path]:
@@ -158,10 +147,11 @@ def build_demo(cache_dir: Path | None = None, *, quiet: bool = False) -> dict[st
             _routet2i(
                 ["data", "build", "--prompts", str(prompts), "--edge-pipeline", str(models["edge_pipeline"]),
                  "--cloud-pipeline", str(models["cloud_pipeline"]), "--clip", str(models["clip"]),
-                 "--out", str(out), "--dataset", DATASET]
+                 "--out", str(out), "--dataset", DATASET, "--edge-model", EDGE_MODEL, "--cloud-model", CLOUD_MODEL,
+                 "--steps", str(DEMO_STEPS), "--width", str(DEMO_SIZE), "--height", str(DEMO_SIZE)]
             )  # fmt: skip
             os.replace(out, paths["table"])
-    edge_model, cloud_model = _table_models(paths["table"])
+    edge_model, cloud_model = EDGE_MODEL, CLOUD_MODEL
     if not paths["router_ckpt"].exists():
         say(f"demo: training the router ({edge_model} vs {cloud_model}) ...")
         with _staged(paths["router_ckpt"]) as tmp:
@@ -232,14 +222,14 @@ def run_table(prompts: Sequence[str], out_dir: Path | None, steps: int, cache_di
     with demo_client(cache_dir) as client:
         w = max(len(p) for p in prompts)
         w = min(w, 60)
-        print(f"{'prompt':<{w}}  {'PRS^':>6}  {'alpha':>6}  {'route':<5}  {'reason':<17}  {'seconds':>7}")
-        print("-" * (w + 52))
+        print(f"{'prompt':<{w}}  {'PRS^':>7}  {'alpha':>7}  {'route':<5}  {'reason':<17}  {'seconds':>7}")
+        print("-" * (w + 54))
         for i, prompt in enumerate(prompts):
             r = client.generate(prompt, seed=i, num_inference_steps=steps)
             results.append(r)
             shown = prompt if len(prompt) <= w else prompt[: w - 3] + "..."
-            prs = "n/a" if r.prs is None else f"{r.prs:.3f}"
-            alpha = "n/a" if r.alpha is None else f"{r.alpha:.3f}"
+            prs = "n/a" if r.prs is None else f"{r.prs:.4f}"
+            alpha = "n/a" if r.alpha is None else f"{r.alpha:.4f}"
             print(
                 f"{shown:<{w}}  {prs:>6}  {alpha:>6}  {r.route:<5}  {r.reason:<17}  {r.timings['total']:>7.2f}"
             )
@@ -247,7 +237,7 @@ def run_table(prompts: Sequence[str], out_dir: Path | None, steps: int, cache_di
                 save_png_atomic(r.image, out_dir / f"{i:02d}-{r.route}.png")
         n_cloud = sum(r.route == "cloud" for r in results)
         q = results[-1].quota if results else None
-        print("-" * (w + 52))
+        print("-" * (w + 54))
         print(
             f"{n_cloud}/{len(results)} generated in the cloud (target cloud rate {client.policy.target_rate}); "
             + (f"cloud quota {q['remaining']}/{q['limit']} left" if q else "quota unknown")

@@ -222,12 +222,17 @@ class DeviceState:
     def is_exhausted(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) < self.exhausted_until
 
-    def request_rate(self, now: float, window_s: float, min_requests: int) -> float | None:
-        """Requests per second over the window, or None while too few requests were seen."""
+    def request_rate(
+        self, now: float, window_s: float, min_requests: int, min_span_s: float = 3600.0
+    ) -> float | None:
+        """Requests per second over the window, or None while too few requests were seen.
+
+        The observed span counts as at least ``min_span_s``, so a burst of requests (a demo, a batch job)
+        is not extrapolated to the whole period."""
         times = [t for t in self.request_times if now - window_s <= t <= now]
         if len(times) < max(min_requests, 2):
             return None
-        span = now - times[0]
+        span = max(now - times[0], min_span_s)
         return len(times) / span if span > 0 else None
 
 
@@ -256,6 +261,7 @@ class RoutingPolicy:
         pacing: bool = True,
         pacing_window_s: float = 7 * 86400.0,
         pacing_min_requests: int = 5,
+        pacing_min_span_s: float = 3600.0,
         local_only: LocalOnlyRules | None = None,
         state: DeviceState | None = None,
         rng: random.Random | None = None,
@@ -273,6 +279,7 @@ class RoutingPolicy:
         self.pacing = pacing
         self.pacing_window_s = pacing_window_s
         self.pacing_min_requests = pacing_min_requests
+        self.pacing_min_span_s = pacing_min_span_s
         self.local_only = local_only or LocalOnlyRules()
         self.state = state or DeviceState(None)
         self._rng = rng or random.Random()
@@ -285,7 +292,9 @@ class RoutingPolicy:
         q = self.state.quota
         if q is None or q.period_end_unix <= 0 or not q.current(now):
             return rho, None  # no period end known (or stale quota): nothing to pace against
-        rate = self.state.request_rate(now, self.pacing_window_s, self.pacing_min_requests)
+        rate = self.state.request_rate(
+            now, self.pacing_window_s, self.pacing_min_requests, self.pacing_min_span_s
+        )
         if rate is None:
             return rho, None
         m = rate * (q.period_end_unix - now)

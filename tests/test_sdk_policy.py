@@ -54,11 +54,11 @@ def test_router_decision_and_overrides():
 def test_pacing_targets_remaining_over_expected(tmp_path):
     now = 1_000_000.0
     state = DeviceState(tmp_path / "s.json")
-    for i in range(10):  # one request every 100 s
-        state.record_request(now - 1000 + 100 * i)
-    # 20 units left, period ends in 10000 s -> M = 10/1000*10000 = 100 requests, R/M = 0.2 -> row 0.1
+    for i in range(10):  # one request every 1000 s
+        state.record_request(now - 10000 + 1000 * i)
+    # 20 units left, period ends in 100000 s -> M = 10/10000*100000 = 100 requests, R/M = 0.2 -> row 0.1
     state.set_quota(
-        QuotaInfo(limit=50, used=30, remaining=20, period="day", period_end_unix=int(now) + 10000)
+        QuotaInfo(limit=50, used=30, remaining=20, period="day", period_end_unix=int(now) + 100000)
     )
     p = RoutingPolicy(ROUTING, 0.3, state=state)
     PolicyNoPacing = RoutingPolicy(ROUTING, 0.3, state=state, pacing=False)  # noqa: N806
@@ -77,6 +77,16 @@ def test_pacing_targets_remaining_over_expected(tmp_path):
     # the state survives a restart
     again = DeviceState(tmp_path / "s.json")
     assert len(again.request_times) == 10 and again.quota.remaining == 500
+    # a burst: 10 requests in the last 10 s count as 10 per hour (min span), not 1 per second
+    burst = DeviceState(None)
+    for i in range(10):
+        burst.record_request(now - 10 + i)
+    burst.set_quota(
+        QuotaInfo(limit=50, used=30, remaining=20, period="day", period_end_unix=int(now) + 36000)
+    )
+    paced = RoutingPolicy(ROUTING, 0.3, state=burst)
+    assert paced.paced_rate(now)[1] == pytest.approx(100.0)  # 10/3600 per s * 36000 s
+    assert paced.paced_rate(now)[0] == pytest.approx(0.2)
     # too few requests seen: no pacing
     fresh = RoutingPolicy(ROUTING, 0.3, state=DeviceState(None))
     fresh.state.set_quota(
