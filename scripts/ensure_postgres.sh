@@ -40,9 +40,9 @@ as_postgres() {
 
 ensure_test_db() {
   command -v psql >/dev/null 2>&1 || return 0
-  if ! psql -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='test'" \
+  if ! psql -w -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='test'" \
       2>/dev/null | grep -q 1; then
-    psql -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -qc "CREATE DATABASE test" >/dev/null 2>&1 \
+    psql -w -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -qc "CREATE DATABASE test" >/dev/null 2>&1 \
       || say "could not create database 'test' (does user postgres exist with trust auth?)"
   fi
 }
