@@ -44,7 +44,7 @@ test: $(STAMP) lint
 	  url=$$(scripts/ensure_postgres.sh) && export ROUTET2I_TEST_PG_URL="$$url" \
 	    || echo "PostgreSQL unavailable: postgres tests will skip"; \
 	fi; \
-	$(VENV)/bin/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

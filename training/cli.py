@@ -50,10 +50,38 @@ GROUP_HELP = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors and exit code 2 (CONTRACTS.md section 2)."""
+    """argparse with one-line usage errors and exit code 2 (CONTRACTS.md section 2).
+
+    An unknown option is named even when required options are missing too (argparse alone would only
+    complain about the missing ones).
+    """
+
+    _argv: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("the following arguments are required"):
+            unknown = [
+                a
+                for a in self._argv
+                if a.startswith("-")
+                and a.split("=", 1)[0] not in self._option_string_actions
+                and not _is_number(a)
+            ]
+            if unknown:
+                message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _load(module: str):
@@ -72,7 +100,9 @@ def _not_implemented(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="routet2i", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
     top = parser.add_subparsers(dest="_group", metavar="COMMAND", parser_class=_Parser)
     top.required = True
     groups: dict[str, argparse._SubParsersAction] = {}
