@@ -43,9 +43,13 @@ def main() -> int:
         generate(Path(tmp))
         fresh = Path(tmp) / PROTO.parent
         if args.check:
-            stale = [n for n in GENERATED if not (DEST / n).exists() or not filecmp.cmp(fresh / n, DEST / n, False)]
+            stale = [
+                n for n in GENERATED if not (DEST / n).exists() or not filecmp.cmp(fresh / n, DEST / n, False)
+            ]
             if stale:
-                print(f"stale gRPC stubs: {', '.join(stale)}; run `python proto/generate.py`", file=sys.stderr)
+                print(
+                    f"stale gRPC stubs: {', '.join(stale)}; run `python proto/generate.py`", file=sys.stderr
+                )
                 return 1
             return 0
         for name in GENERATED:

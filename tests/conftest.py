@@ -25,7 +25,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def quality_csv() -> Path:
     """The real public quality table from ../shared/data; tests that need it skip when it is absent."""
     if not QUALITY_CSV.exists():
-        pytest.skip(f"public quality data not found at {QUALITY_CSV} (../shared/data is not part of the repo)")
+        pytest.skip(
+            f"public quality data not found at {QUALITY_CSV} (../shared/data is not part of the repo)"
+        )
     return QUALITY_CSV
 
 
