@@ -125,13 +125,63 @@ def evaluate_pair(
     n_boot: int = 1000,
     cache_dir: str | None = None,
     progress: bool = True,
+    threads: int = 1,
 ) -> dict[str, Any]:
-    """The eval report (CONTRACTS.md JSON plus extra fields) of ``methods`` on ``pair``."""
-    from routet2i.training.baselines import RULE_METHODS, combined_quality, rule_scores
-    from routet2i.training.train import TrainConfig, predict, train_on
+    """The eval report (CONTRACTS.md JSON plus extra fields) of ``methods`` on ``pair``.
+
+    ``threads``: torch intra-op threads while training. The routers are tiny (batches of 32 prompts), so
+    more threads mostly add synchronization; on a shared CPU two threads made a fit several times slower.
+    """
+    import torch
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        return _evaluate(
+            pair,
+            weights,
+            methods,
+            folds,
+            seeds,
+            rates,
+            targets,
+            backbone,
+            max_length,
+            train_cfg,
+            overrides,
+            n_boot,
+            cache_dir,
+            progress,
+            t_start,
+            tqdm,
+        )
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _evaluate(
+    pair,
+    weights,
+    methods,
+    folds,
+    seeds,
+    rates,
+    targets,
+    backbone,
+    max_length,
+    train_cfg,
+    overrides,
+    n_boot,
+    cache_dir,
+    progress,
+    t_start,
+    tqdm,
+) -> dict[str, Any]:
+    from routet2i.training.baselines import RULE_METHODS, combined_quality, rule_scores
+    from routet2i.training.train import TrainConfig, predict, train_on
+
     cfg = train_cfg or TrainConfig()
     n = len(pair)
     q_e, q_c, sd = combined_quality(pair.q_edge, pair.q_cloud, weights)
@@ -331,6 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a TrainConfig or model config field (e.g. top_k=4, weight_decay=0.1, gamma=2)",
     )
     parser.add_argument("--cache-dir", default=None, help="token-state cache folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
 
 
 def _parse_floats(text: str, name: str) -> tuple[float, ...]:
@@ -436,6 +487,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=overrides,
         n_boot=args.bootstrap,
         cache_dir=args.cache_dir,
+        threads=args.threads,
     )
     write_json(report, args.json)
     if args.plot:
