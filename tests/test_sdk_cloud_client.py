@@ -239,3 +239,56 @@ def test_empty_request_id_rejected(fake):
     _, target = fake
     with pytest.raises(ValueError, match="request_id"):
         _client(target).generate(cloud_pb2.GenerateRequest(prompt="x"))
+
+
+def _openssl(*args: str, cwd) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    d = tmp_path_factory.mktemp("certs")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)  # fmt: skip
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=d)  # fmt: skip
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)  # fmt: skip
+    return d
+
+
+def test_tls_and_mutual_tls(certs):
+    servicer = FakeCloud()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    cloud_pb2_grpc.add_CloudGenerationServicer_to_server(servicer, server)
+    creds = grpc.ssl_server_credentials(
+        [((certs / "server.key").read_bytes(), (certs / "server.pem").read_bytes())],
+        root_certificates=(certs / "ca.pem").read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    try:
+        target = f"127.0.0.1:{port}"
+        ca = str(certs / "ca.pem")
+        mutual = _client(target, tls=True, ca_cert=ca, client_cert=str(certs / "client.pem"),
+                         client_key=str(certs / "client.key"))  # fmt: skip
+        assert mutual.generate(_req()).response.model == "fake"
+        assert servicer.metadata[0]["authorization"] == f"Bearer {TOKEN}"
+        for bad in (
+            _client(target, tls=True, ca_cert=ca, retries=0, deadline_s=2),
+            _client(target, retries=0),
+        ):
+            with pytest.raises(CloudUnavailable):  # no client certificate / plaintext: handshake fails
+                bad.generate(_req("r2"))
+        assert servicer.calls == ["r1"]
+    finally:
+        server.stop(0)
