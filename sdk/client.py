@@ -74,7 +74,7 @@ class GenerateResult:
     target_rate: float | None = None  # configured cloud rate rho_r
     paced_rate: float | None = None  # rate actually targeted after quota-aware pacing
     cloud_attempts: int = 0  # gRPC attempts made for this request
-    cloud_error: str | None = None  # why the cloud did not deliver, when it was tried and failed
+    cloud_error: str | None = None  # why the cloud did not deliver (error, or "circuit breaker open"...)
     metric_scores: list[float] = field(default_factory=list)  # router's per-metric scores
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,7 +316,7 @@ class EdgeClient:
         image = None
         model = ""
         attempts = 0
-        cloud_error = None
+        cloud_error = decision.details.get("cause")  # e.g. "circuit breaker open": decided without a call
         quota = self.state.quota
 
         if route == "cloud":

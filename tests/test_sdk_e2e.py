@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import grpc
@@ -101,17 +100,15 @@ def test_cloud_stopped_gives_cloud_unavailable_then_breaker_fails_fast(edge_bund
     ) as client:
         assert client.generate("a fox", seed=0, force="cloud").route == "cloud"
         server.stop(grace=0)
-        t0 = time.monotonic()
         r = client.generate("a fox", seed=1, force="cloud")
         cloud_seconds = r.timings["network"]
         assert (r.route, r.reason) == ("edge", "cloud_unavailable")
         assert cloud_seconds <= deadline + 0.5, r.timings
         assert r.cloud_attempts >= 1 and r.cloud_error
-        t1 = time.monotonic()
         r2 = client.generate("a fox", seed=2, force="cloud")
         assert (r2.route, r2.reason) == ("edge", "cloud_unavailable")
-        assert r2.cloud_attempts == 0 and r2.timings["network"] < 0.05  # the breaker: no network at all
-        assert time.monotonic() - t1 < time.monotonic() - t0
+        assert r2.cloud_attempts == 0 and r2.cloud_error == "circuit breaker open"  # no call at all
+        assert r2.timings["network"] == 0.0
     assert store.quota("dev-down").used == 1
 
 
