@@ -187,6 +187,18 @@ def parse_size(text: str, what: str = "--sizes") -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------- the stages
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Give the temp folder (mkdtemp: mode 0700) normal permissions and rename it into place."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def _say(stage: str, message: str) -> None:
     print(f"[export edge] {stage}: {message}", flush=True)
 
@@ -569,9 +581,7 @@ def export_edge(config: EdgeExportConfig) -> EdgeExportResult:
         from routet2i.bundle import write_manifest
 
         result.manifest = write_manifest(tmp, kind="edge", extra=extra)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -428,6 +428,18 @@ def _build_clip(out: Path, work: Path, sizes: TinySizes) -> None:
     processor.save_pretrained(out)
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Give the temp folder (mkdtemp: mode 0700) normal permissions and rename it into place."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def build_tiny_models(out: Path, force: bool = False, sizes: TinySizes = TinySizes()) -> dict[str, Path]:
     """Build ``out/edge-sd21``, ``out/cloud-sd3`` and ``out/clip``; return {name: folder}.
 
@@ -447,9 +459,7 @@ def build_tiny_models(out: Path, force: bool = False, sizes: TinySizes = TinySiz
             logger.info("building tiny %s", name)
             build(tmp / name, work, sizes)
         shutil.rmtree(work)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

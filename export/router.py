@@ -1,0 +1,472 @@
+"""`routet2i export router`: a trained router (ROUTER_DIR) to a validated ONNX router bundle.
+
+Bundle (CONTRACTS.md section 3)::
+
+    router.onnx      inputs input_ids, attention_mask (int64 [batch, sequence], both dynamic);
+                     outputs prs [batch], metric_scores [batch, k]
+    tokenizer/       the backbone's tokenizer files, tokenizer.json (fast) included: the device reads it
+                     with the `tokenizers` library, no transformers
+    routing.json     format_version, method, metrics, weights, gamma, edge/cloud model, dataset, calibration
+                     [{rate, alpha}], target_rate, alpha (the default threshold), max_length, router_version
+    manifest.json    sha256 of every file, versions, which exporter was kept and the validation numbers
+
+Exporter choice. Both torch exporters are tried: TorchScript (``torch.onnx.export(dynamo=False)``, tracing)
+and dynamo (``torch.onnx.export(dynamo=True)``, torch.export + onnxscript). Each graph is checked against
+``specs.ROUTER`` and validated against torch on prompts of several lengths and batch sizes (max abs diff
+<= 1e-4); of those that validate, the one with the lower ONNX Runtime median latency on one typical prompt
+(what the device does per decision; the two sessions are timed interleaved so machine load hits both) is
+kept, TorchScript winning ties within 5 %. Measured here (torch 2.13, onnxruntime 1.32, MiniLM-L6 RouteT2I
+router, 2 shared CPU cores, interleaved medians): both validate at ~3e-7; TorchScript 34 / 100 / 1213 ms
+vs dynamo 39 / 104 / 1330 ms at batch x tokens 1x3 / 2x19 / 8x128, with 693 vs 343 graph nodes (dynamo
+folds shape arithmetic and emits LayerNormalization, but its attention path runs slightly slower in ORT).
+So TorchScript is usually kept; the measurement stays per export because the gap is small and depends on
+the backbone and the machine. ``--exporter`` forces one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from routet2i._errors import UsageError
+from routet2i.export.specs import ROUTER, ExportValidationError, OutputMismatch, compare_outputs
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RouterExportConfig",
+    "RouterExportResult",
+    "export_router",
+    "pick_alpha",
+    "VALIDATION_PROMPTS",
+    "add_arguments",
+    "run",
+]
+
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_TARGET_RATE = 0.3
+TIE = 0.05  # relative latency difference under which TorchScript is kept
+
+# Prompts of very different lengths (1 token to past max_length) for validation and timing.
+VALIDATION_PROMPTS = [
+    "fox",
+    "a red fox in the snow",
+    "an astronaut riding a horse on the moon, digital art, highly detailed, 4k",
+    "A bowl of soup that looks like a monster, knitted out of wool.",
+    "two dogs, three cats and a parrot sitting on a sofa in a living room with a large window, "
+    "a fireplace, a bookshelf full of old books, a green rug and a lamp, photorealistic, golden hour",
+    "the words 'deep learning' written in chalk on a blackboard",
+    " ".join(["a very long prompt about many small objects on a wooden table"] * 12),
+    "城市夜景 neon café — ünïcödé",
+]
+
+
+@dataclass
+class RouterExportConfig:
+    """One `export router` run."""
+
+    router: Path  # ROUTER_DIR from `routet2i train` (router.pt + backbone/)
+    out: Path  # bundle folder to create
+    target_rate: float | None = None  # cloud rate whose alpha becomes the default; None: 0.3 (or nearest)
+    force: bool = False  # replace an existing non-empty --out
+    exporter: str = "auto"  # "auto" (try both, keep the validated faster one) | "torchscript" | "dynamo"
+    opset: int = ROUTER.opset  # ONNX opset
+    atol: float = ROUTER.atol  # max abs diff torch vs ORT on prs and metric_scores
+    timing_runs: int = 20  # ORT runs per candidate for the latency comparison (median)
+
+
+@dataclass
+class RouterExportResult:
+    """What `export_router` produced."""
+
+    bundle: Path  # the bundle folder
+    exporter: str  # the exporter kept
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)  # per exporter: validated, diff, ms
+    routing: dict[str, Any] = field(default_factory=dict)  # routing.json
+    seconds: float = 0.0  # total wall time
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Give the temp folder (mkdtemp: mode 0700) normal permissions and rename it into place."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _say(stage: str, message: str) -> None:
+    print(f"[export router] {stage}: {message}", flush=True)
+
+
+def pick_alpha(calibration: list[dict[str, float]], rate: float) -> float:
+    """alpha for a cloud rate: the table's entry, or linear interpolation between the two neighbours."""
+    table = sorted((float(c["rate"]), float(c["alpha"])) for c in calibration)
+    lo, hi = table[0][0], table[-1][0]
+    if not lo <= rate <= hi:
+        raise UsageError(f"--target-rate {rate}: outside the router's calibration table [{lo:g}, {hi:g}]")
+    for (r0, a0), (r1, a1) in zip(table, table[1:], strict=False):
+        if r0 <= rate <= r1:
+            return a0 if r1 == r0 else a0 + (a1 - a0) * (rate - r0) / (r1 - r0)
+    return table[0][1]  # a one-entry table
+
+
+def _check_inputs(config: RouterExportConfig) -> None:
+    router = Path(config.router)
+    if not router.is_dir():
+        raise UsageError(f"--router {router}: not a folder (expected ROUTER_DIR from `routet2i train`)")
+    if not (router / "router.pt").is_file():
+        raise UsageError(
+            f"--router {router}: no router.pt checkpoint in it; run `routet2i train --out {router}`"
+        )
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not config.force:
+        raise UsageError(f"--out {out}: folder exists and is not empty (pass --force to replace it)")
+    if config.exporter not in ("auto", *EXPORTERS):
+        raise UsageError(f"--exporter {config.exporter!r}: allowed auto, {', '.join(EXPORTERS)}")
+    if config.target_rate is not None and not 0.0 <= config.target_rate <= 1.0:
+        raise UsageError(f"--target-rate {config.target_rate}: must be a cloud rate in [0, 1]")
+
+
+def _batches(tokenizer, max_length: int) -> list[tuple[str, dict[str, Any]]]:
+    """Validation cases: batch sizes 1, 2, 3 and 8, lengths from 1 token to max_length (padded)."""
+    p = VALIDATION_PROMPTS
+    groups = [
+        ("b1-short", p[:1]),
+        ("b1-long", p[6:7]),
+        ("b2", p[1:3]),
+        ("b3-mixed", [p[0], p[4], p[7]]),
+        ("b8", p),
+    ]
+    cases = []
+    for name, prompts in groups:
+        enc = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        feeds = {k: enc[k].astype("int64") for k in ROUTER.input_names}
+        cases.append((f"{name} len={feeds['input_ids'].shape[1]}", feeds))
+    return cases
+
+
+def _export_one(model, exporter: str, path: Path, opset: int, example: dict[str, Any]) -> None:
+    import torch
+
+    args = tuple(torch.from_numpy(example[k]) for k in ROUTER.input_names)
+    if exporter == "torchscript":
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            input_names=ROUTER.input_names,
+            output_names=ROUTER.output_names,
+            dynamic_axes=ROUTER.dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+    else:
+        batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("sequence", min=1, max=4096)
+        program = torch.onnx.export(
+            model,
+            args,
+            input_names=ROUTER.input_names,
+            output_names=ROUTER.output_names,
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(path), external_data=False)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _validate(
+    model, path: Path, cases, atol: float
+) -> tuple[list[OutputMismatch], list[str], dict[str, float]]:
+    import torch
+
+    problems = ROUTER.check_graph(path)
+    session = _session(path)
+    failures: list[OutputMismatch] = []
+    diffs: dict[str, float] = {}
+    for case, feeds in cases:
+        with torch.no_grad():
+            prs, scores = model(*(torch.from_numpy(feeds[k]) for k in ROUTER.input_names))
+        ref = {"prs": prs.numpy(), "metric_scores": scores.numpy()}
+        try:
+            got = dict(zip(ROUTER.output_names, session.run(ROUTER.output_names, feeds), strict=True))
+        except Exception as exc:  # e.g. an axis the exporter made static: a failure of this case
+            detail = f"ORT run failed: {str(exc).splitlines()[0][:200]}"
+            failures += [
+                OutputMismatch("router", n, case, float("inf"), atol, detail) for n in ROUTER.output_names
+            ]
+            continue
+        failures += compare_outputs("router", case, ref, got, atol, 0.0, diffs)
+    return failures, problems, {k.split(".", 1)[1]: v for k, v in diffs.items()}
+
+
+def _latency_ms(paths: dict[str, Path], feeds: dict[str, Any], runs: int) -> dict[str, float]:
+    """Median ORT latency per graph, the sessions run alternately so that machine load hits all alike."""
+    sessions = {name: _session(path) for name, path in paths.items()}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():
+        session.run(None, feeds)  # warm-up
+    for _ in range(runs):
+        for name, session in sessions.items():
+            t0 = time.perf_counter()
+            session.run(None, feeds)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _save_tokenizer(router_dir: Path, out: Path) -> Any:
+    """Backbone tokenizer files into ``out`` with tokenizer.json (fast) guaranteed. Returns the tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(router_dir / "backbone", use_fast=True)
+    if not tokenizer.is_fast:
+        raise UsageError(f"--router {router_dir}: backbone tokenizer has no fast (tokenizer.json) version")
+    tokenizer.save_pretrained(out)
+    if not (out / "tokenizer.json").is_file():
+        tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    return tokenizer
+
+
+def _check_tokenizer_json(tokenizer, path: Path, max_length: int) -> list[str]:
+    """The device's `tokenizers` path must give the same ids as the tokenizer the router was trained with."""
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_file(str(path))
+    fast.no_padding()
+    fast.enable_truncation(max_length=max_length)
+    problems = []
+    for prompt in VALIDATION_PROMPTS:
+        want = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+        if fast.encode(prompt).ids != want:
+            problems.append(f"tokenizer.json ids differ from the backbone tokenizer on {prompt[:40]!r}")
+    return problems
+
+
+def export_router(config: RouterExportConfig) -> RouterExportResult:
+    """Export, validate, pick the exporter, write the bundle (see the module docstring)."""
+    start = time.perf_counter()
+    _check_inputs(config)
+    from routet2i.training.model import load_router
+
+    router_dir, out = Path(config.router), Path(config.out)
+    _say("1/5 load", f"{router_dir}")
+    try:
+        model, ckpt = load_router(router_dir)
+    except UsageError:
+        raise
+    except Exception as exc:  # a corrupt or foreign checkpoint: one line naming the file
+        raise UsageError(
+            f"--router {router_dir}: cannot load router.pt ({type(exc).__name__}: {exc})"
+        ) from None
+    missing = [k for k in ("metrics", "weights", "gamma", "calibration", "method") if k not in ckpt]
+    if missing:
+        raise UsageError(f"--router {router_dir}: router.pt lacks {missing}")
+    calibration = [{"rate": float(c["rate"]), "alpha": float(c["alpha"])} for c in ckpt["calibration"]]
+    if not calibration:
+        raise UsageError(f"--router {router_dir}: router.pt has an empty calibration table")
+    if config.target_rate is None:
+        rates = sorted(c["rate"] for c in calibration)
+        target_rate = min(max(DEFAULT_TARGET_RATE, rates[0]), rates[-1])
+    else:
+        target_rate = config.target_rate
+    alpha = pick_alpha(calibration, target_rate)
+    max_length = int(ckpt.get("max_length") or ckpt["config"].get("max_length", 128))
+    n_params = sum(p.numel() for p in model.parameters())
+    _say("1/5 load", f"method {ckpt['method']}, {len(ckpt['metrics'])} metrics, {n_params / 1e6:.1f}M params")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tokenizer = _save_tokenizer(router_dir, tmp / "tokenizer")
+        problems = _check_tokenizer_json(tokenizer, tmp / "tokenizer" / "tokenizer.json", max_length)
+        if problems:
+            raise ExportValidationError(f"export router {router_dir}", [], problems)
+        cases = _batches(tokenizer, max_length)
+        # Timing on what the device does: one prompt of typical length per decision.
+        enc = tokenizer([VALIDATION_PROMPTS[2]], truncation=True, max_length=max_length, return_tensors="np")
+        timing_feeds = {k: enc[k].astype("int64") for k in ROUTER.input_names}
+
+        exporters = EXPORTERS if config.exporter == "auto" else (config.exporter,)
+        candidates: dict[str, dict[str, Any]] = {}
+        all_failures: list[OutputMismatch] = []
+        all_problems: list[str] = []
+        for i, name in enumerate(exporters):
+            path = tmp / f".candidate-{name}.onnx"
+            _say(f"2/5 export {i + 1}/{len(exporters)}", f"{name} exporter, opset {config.opset}")
+            t0 = time.perf_counter()
+            entry: dict[str, Any] = {"validated": False}
+            candidates[name] = entry
+            try:
+                _export_one(model, name, path, config.opset, cases[2][1])  # batch 2: no size-1 axis
+            except Exception as exc:  # an exporter that cannot handle the model is a candidate that lost
+                entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                all_problems.append(f"{name} exporter failed: {entry['error']}")
+                _say(f"2/5 export {i + 1}/{len(exporters)}", f"{name} failed: {entry['error']}")
+                continue
+            entry["export_seconds"] = round(time.perf_counter() - t0, 2)
+            entry["bytes"] = path.stat().st_size
+            failures, probs, diffs = _validate(model, path, cases, config.atol)
+            entry["max_abs_diff"] = diffs
+            entry["validated"] = not failures and not probs
+            all_failures += [
+                OutputMismatch(f"router[{name}]", f.output, f.case, f.max_abs_diff, f.atol, f.detail)
+                for f in failures
+            ]
+            all_problems += [f"{name}: {p}" for p in probs]
+            for line in [str(f) for f in failures] + probs:
+                _say("3/5 validate", f"{name}: {line}")
+            _say(
+                "3/5 validate",
+                f"{name}: {'ok' if entry['validated'] else 'FAILED'} "
+                f"(max abs diff prs {diffs.get('prs', float('nan')):.1e}, "
+                f"metric_scores {diffs.get('metric_scores', float('nan')):.1e}; "
+                f"{entry['bytes'] / 1e6:.1f} MB)",
+            )
+        valid = [n for n in exporters if candidates[n]["validated"]]
+        if not valid:
+            raise ExportValidationError(f"export router {router_dir}", all_failures, all_problems)
+        latency = _latency_ms(
+            {n: tmp / f".candidate-{n}.onnx" for n in valid}, timing_feeds, config.timing_runs
+        )
+        for name, ms in latency.items():
+            candidates[name]["ort_ms_batch1"] = round(ms, 3)
+        _say(
+            "4/5 choose",
+            "ORT median per prompt: " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in latency.items()),
+        )
+        chosen = valid[0]
+        for name in valid[1:]:
+            if candidates[name]["ort_ms_batch1"] < candidates[chosen]["ort_ms_batch1"] * (1 - TIE):
+                chosen = name
+        if config.exporter != "auto":
+            why = "the only exporter asked for (--exporter)"
+        elif len(valid) == 1:
+            why = "the only exporter whose graph validated"
+        else:
+            others = ", ".join(f"{n} {candidates[n]['ort_ms_batch1']:.2f} ms" for n in valid if n != chosen)
+            mine = candidates[chosen]["ort_ms_batch1"]
+            fastest = all(mine <= candidates[n]["ort_ms_batch1"] for n in valid)
+            why = (
+                f"validated and fastest on ONNX Runtime ({mine:.2f} ms per prompt vs {others})"
+                if fastest
+                else f"validated; within {TIE:.0%} of the fastest ({mine:.2f} ms vs {others}), TorchScript wins ties"
+            )
+        _say("4/5 choose", f"{chosen}: {why}")
+        (tmp / f".candidate-{chosen}.onnx").rename(tmp / "router.onnx")
+        for leftover in tmp.glob(".candidate-*"):
+            leftover.unlink()
+
+        digest = hashlib.sha256((router_dir / "router.pt").read_bytes()).hexdigest()[:12]
+        routing = {
+            "format_version": 1,
+            "method": ckpt["method"],
+            "metrics": list(ckpt["metrics"]),
+            "score_names": list(ckpt.get("score_names", ckpt["metrics"])),
+            "weights": [float(w) for w in ckpt["weights"]],
+            "gamma": float(ckpt["gamma"]),
+            "edge_model": ckpt.get("edge_model", ""),
+            "cloud_model": ckpt.get("cloud_model", ""),
+            "dataset": ckpt.get("dataset", ""),
+            "calibration": sorted(calibration, key=lambda c: c["rate"]),
+            "target_rate": float(target_rate),
+            "alpha": float(alpha),
+            "max_length": max_length,
+            "router_version": f"{ckpt['method']}-{digest}",
+        }
+        (tmp / "routing.json").write_text(json.dumps(routing, indent=2) + "\n")
+        _say("5/5 manifest", "routing.json + sha256 of every file")
+        from routet2i.bundle import write_manifest
+
+        write_manifest(
+            tmp,
+            kind="router",
+            extra={
+                "router": {
+                    "exporter": chosen,
+                    "exporter_reason": why,
+                    "candidates": candidates,
+                    "opset": config.opset,
+                    "validation": {
+                        "atol": config.atol,
+                        "cases": [c for c, _ in cases],
+                        "provider": "CPUExecutionProvider",
+                        "tokenizer_json_matches_backbone_tokenizer": True,
+                    },
+                    "params": n_params,
+                    "source": str(router_dir),
+                }
+            },
+        )
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = RouterExportResult(bundle=out, exporter=chosen, candidates=candidates, routing=routing)
+    result.seconds = time.perf_counter() - start
+    print(
+        f"[export router] bundle {out} ({result.seconds:.1f}s): exporter {chosen}, "
+        f"{len(routing['metrics'])} metrics, target rate {target_rate:g} -> alpha {alpha:.4f}, "
+        f"max_length {max_length}, version {routing['router_version']}"
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--router", required=True, type=Path, help="ROUTER_DIR written by `routet2i train`")
+    parser.add_argument("--out", required=True, type=Path, help="bundle folder to create")
+    parser.add_argument(
+        "--target-rate",
+        type=float,
+        default=None,
+        help=f"cloud rate whose calibrated alpha is the default (default {DEFAULT_TARGET_RATE})",
+    )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    parser.add_argument(
+        "--exporter",
+        choices=("auto", *EXPORTERS),
+        default="auto",
+        help="auto: try both torch exporters, keep the validated faster one",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = RouterExportConfig(
+        router=args.router,
+        out=args.out,
+        target_rate=args.target_rate,
+        force=args.force,
+        exporter=args.exporter,
+    )
+    try:
+        export_router(config)
+    except ExportValidationError as exc:
+        print(f"routet2i export router: error: {exc}")
+        return 1
+    return 0
