@@ -6,7 +6,7 @@ tower, projection 512) with the tiny tokenizer and a 224 px ``CLIPImageProcessor
 same images with the same 10 metric pairs; the anchor is the one-image-per-call loop measured in the same
 run. Prints the median images/s of each mode over --repeats passes and the ratio batched / per-image.
 
-    .venv/bin/python bench/bench_metrics.py [--images 32] [--batch-size 32] [--repeats 3] [--only tiny|vitb32]
+    .venv/bin/python bench/bench_metrics.py [--images 16] [--batch-size 32] [--repeats 3] [--only tiny|vitb32] [--threads N]
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ def bench(name: str, scorer, images: list, batch_size: int, repeats: int) -> Non
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=32, help="images per pass")
+    ap.add_argument("--images", type=int, default=16, help="images per pass")
     ap.add_argument("--batch-size", type=int, default=32, help="images per CLIP call in batched mode")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per mode (median reported)")
     ap.add_argument("--image-size", type=int, default=512, help="side of the input images (SD2.1 base: 512)")
     ap.add_argument("--only", choices=["tiny", "vitb32"], help="run one model only")
     ap.add_argument("--device", help="torch device (default: best available)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     args = ap.parse_args()
 
     import torch
@@ -62,7 +63,9 @@ def main() -> None:
     from routet2i.training.tiny_models import build_tiny_models
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, images {args.image_size}px")
     images = _images(args.images, args.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         clip_dir = build_tiny_models(Path(tmp) / "tiny")["clip"]
