@@ -224,3 +224,15 @@ def test_seeds_and_names() -> None:
     assert model_name("/models/edge-sd21/") == "edge-sd21"
     assert model_name("stabilityai/stable-diffusion-2-1") == "stable-diffusion-2-1"
     assert parse_shard("3/4") == (3, 4)
+
+
+def test_ids_must_agree_with_the_table(
+    tiny_models: dict[str, Path], clean_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    csv = tmp_path / "ids.csv"
+    csv.write_text("id,prompt\n" + "".join(f'{i},"{p}"\n' for i, p in enumerate(PROMPTS)))
+    before = clean_table.read_bytes()
+    argv = _argv(tiny_models, csv, clean_table, "--dataset", "toy_prompts", "--id-column", "id", "--resume")
+    assert main(argv) == 2
+    assert "paired differently" in capsys.readouterr().err
+    assert clean_table.read_bytes() == before

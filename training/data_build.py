@@ -227,6 +227,23 @@ def _status(
     return done, partial
 
 
+def _check_ids(
+    existing: pd.DataFrame | None, dataset: str, records: Sequence[PromptRecord], out: Path
+) -> None:
+    """The table must not give one of our prompt ids another text, or one of our texts another id."""
+    if existing is None or existing.empty:
+        return
+    d = existing.loc[existing["dataset"] == dataset, ["prompt_id", "prompt"]].drop_duplicates()
+    text_of = dict(zip(d["prompt_id"], d["prompt"], strict=True))
+    id_of = dict(zip(d["prompt"], d["prompt_id"], strict=True))
+    for r in records:
+        if text_of.get(r.prompt_id, r.prompt) != r.prompt or id_of.get(r.prompt, r.prompt_id) != r.prompt_id:
+            raise UsageError(
+                f"--out {str(out)!r}: dataset {dataset!r} already has prompt {r.prompt[:60]!r} or id {r.prompt_id!r} "
+                "paired differently (another --id-column?); use another --dataset or --out"
+            )
+
+
 def _load_pipeline(path: str, device: str, dtype: Any, arg: str):
     from diffusers import DiffusionPipeline
 
@@ -311,6 +328,7 @@ def build_table(cfg: BuildConfig) -> BuildResult:
         table, _, part_rows = _load_all(out)
         frames = [f for f in (table, part_rows) if f is not None]
         existing = pd.concat(frames, ignore_index=True) if frames else None
+        _check_ids(existing, dataset, records, out)
         done, partial = _status(existing, dataset, [edge_model, cloud_model], metrics)
         done &= ours
         present = done | (set() if partial is None else set(partial["prompt_id"]) & ours)
