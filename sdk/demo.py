@@ -128,8 +128,28 @@ def build_demo(cache_dir: Path | None = None, *, quiet: bool = False) -> dict[st
         "edge": root / "bundles" / "edge",
     }
     stamp = root / "ready.json"
+    with _build_lock(root):  # two demos started at once: the second waits, then finds the cache
+        return _build_locked(root, paths, stamp, say)
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        yield
+        return
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_locked(root: Path, paths: dict[str, Path], stamp: Path, say: Any) -> dict[str, Path]:
+    t0 = time.perf_counter()
     if not stamp.exists():
-        t0 = time.perf_counter()
         say(f"demo: building tiny models, quality table, router and bundles once under {root} ...")
     if not paths["models"].exists():
         from routet2i.training.tiny_models import build_tiny_models
