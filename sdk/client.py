@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["AsyncEdgeClient", "EdgeClient", "GenerateResult", "ProgressEvent"]
+
 _QUOTA_REFRESH_S = 300.0  # at most one GetQuota per this many seconds when pacing needs a fresh quota
 _MAX_SEED = 2**32 - 1
 
@@ -183,6 +185,13 @@ class EdgeClient:
                 breaker=CircuitBreaker(config.breaker_failures, config.breaker_reset_s),
                 interceptors=cloud_interceptors,
                 rng=self._rng,
+            )
+        if self.cloud is not None and not config.token:
+            logger.warning(
+                "cloud endpoint %s configured without a device token: the cloud will refuse requests "
+                "(export %s=...)",
+                config.cloud,
+                config.token_env,
             )
         self._router_version = str((routing or {}).get("router_version", ""))
         logger.info(

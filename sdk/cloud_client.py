@@ -27,6 +27,18 @@ from routet2i.policy import QuotaInfo
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "CircuitBreaker",
+    "CloudCall",
+    "CloudClient",
+    "CloudError",
+    "CloudRejected",
+    "CloudUnavailable",
+    "QuotaExhausted",
+    "parse_quota_failure",
+    "quota_from_proto",
+]
+
 # ABORTED: the server is still generating this request_id (a concurrent retry); it says "retry later".
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
 _MAX_MESSAGE = 64 * 1024 * 1024
