@@ -188,3 +188,17 @@ def test_fp16_and_cpu_optimized_bundles_validate(tiny_models: dict[str, Path], t
             EdgeExportConfig(pipeline=str(tiny_models["edge-sd21"]), out=tmp_path / name, **kwargs)
         )
         assert result.pipeline_validated, name
+
+
+def test_fast_tokenizer_made_from_slow_files(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A pipeline that ships only vocab.json/merges.txt (as SD2.1 does) still gets tokenizer.json."""
+    from routet2i.export.edge import _write_fast_tokenizer
+    from tokenizers import Tokenizer
+    from transformers import CLIPTokenizer
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(tiny_models["edge-sd21"] / "tokenizer", folder)
+    (folder / "tokenizer.json").unlink()
+    _write_fast_tokenizer(None, folder)
+    fast, slow = Tokenizer.from_file(str(folder / "tokenizer.json")), CLIPTokenizer.from_pretrained(folder)
+    assert fast.encode("two cats on a sofa").ids == slow("two cats on a sofa").input_ids
