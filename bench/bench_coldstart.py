@@ -2,7 +2,7 @@
 
 1. Cold start, each in a fresh process, medians over --repeats: ``import`` of the runtime, then the
    sessions ready (``RouterSession`` + ``EdgePipeline``: manifests verified, tokenizers and ONNX Runtime
-   sessions created), then the first decision and image; peak RSS of the process. Anchor: the same edge
+   sessions created), then the first decision and image; peak RSS (VmHWM) of the process. Anchor: the same edge
    model in diffusers' torch ``StableDiffusionPipeline`` (``import torch, diffusers`` +
    ``from_pretrained`` + the same image). Bundles: the tiny SD2.1 edge bundle (always), and the full-size
    SD2.1-base UNet bundle that ``bench_edge.py`` caches (when present), with the router bundle
@@ -30,11 +30,18 @@ CACHE = Path(os.environ.get("ROUTET2I_BENCH_CACHE", Path.home() / ".cache" / "ro
 
 DEVICE_CHILD = r"""
 import json, resource, sys, time
+
+def hwm_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
 from routet2i.edge_pipeline import EdgePipeline
 from routet2i.router_runtime import RouterSession
 t1 = time.perf_counter()
 router = RouterSession(sys.argv[1]) if sys.argv[1] else None
+tr = time.perf_counter()
 edge = EdgePipeline(sys.argv[2], check_hashes=sys.argv[3] == "1")
 t2 = time.perf_counter()
 if router is not None:
@@ -42,12 +49,18 @@ if router is not None:
 edge("a red fox in the snow", num_inference_steps=1, seed=0, width=int(sys.argv[4]), height=int(sys.argv[4]))
 t3 = time.perf_counter()
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "diffusers"})
-print(json.dumps({"import": t1 - t0, "ready": t2 - t1, "first": t3 - t2,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "heavy": heavy}))
+print(json.dumps({"import": t1 - t0, "ready": t2 - t1, "router_ready": tr - t1, "edge_ready": t2 - tr,
+                  "first": t3 - t2, "rss_mb": hwm_mb(), "heavy": heavy}))
 """
 
 TORCH_CHILD = r"""
 import json, resource, sys, time
+
+def hwm_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
 import torch
 from diffusers import StableDiffusionPipeline
@@ -59,8 +72,7 @@ with torch.inference_mode():
     pipe("a red fox in the snow", num_inference_steps=1, width=int(sys.argv[2]), height=int(sys.argv[2]),
          generator=torch.Generator().manual_seed(0))
 t3 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "ready": t2 - t1, "first": t3 - t2,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"import": t1 - t0, "ready": t2 - t1, "first": t3 - t2, "rss_mb": hwm_mb()}))
 """
 
 
@@ -96,7 +108,11 @@ def cold_start(label: str, router: Path | None, edge: Path, pipeline: Path, side
     print(f"  ratio anchor / device: import+ready {a / d:.2f}x, peak RSS "
           f"{_median(anchor, 'rss_mb') / _median(device, 'rss_mb'):.2f}x")  # fmt: skip
     if router is not None:
-        print("  (device row includes the router bundle's session and one decision)")
+        print(
+            f"  device 'ready' = router session {_median(device, 'router_ready'):.2f}s + edge pipeline "
+            f"{_median(device, 'edge_ready'):.2f}s (manifests sha256-verified); its first image includes one "
+            "router decision"
+        )
 
 
 # ------------------------------------------------------------------------------------------ install size
