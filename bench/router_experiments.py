@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated grid names")
     parser.add_argument("--methods", default="routet2i")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="a different seed set measures the noise")
+    parser.add_argument("--tag", default="", help="suffix of the result names (e.g. @seeds3-5)")
     parser.add_argument("--out", default=str(DOCS / "results" / "experiments.json"))
     args = parser.parse_args(argv)
     names = list(GRID) if args.only is None else args.only.split(",")
@@ -63,20 +65,21 @@ def main(argv: list[str] | None = None) -> int:
                 normalize_weights(None, len(pair.metrics)),
                 args.methods.split(","),
                 seeds=args.seeds,
+                first_seed=args.first_seed,
                 train_cfg=replace(TrainConfig(), **train_over),
                 overrides=model_over,
                 n_boot=0,
                 progress=False,
             )
             for m, e in rep["methods"].items():
-                results.setdefault(name, {}).setdefault(ds, {})[m] = {
+                results.setdefault(name + args.tag, {}).setdefault(ds, {})[m] = {
                     "delta_p": e["delta_p"],
                     "delta_p_std": e["delta_p_std"],
                     "mean_best_epoch": e.get("mean_best_epoch"),
                 }
             dp = rep["methods"][args.methods.split(",")[0]]["delta_p"]
             print(
-                f"{name:18s} {ds:16s} "
+                f"{name + args.tag:18s} {ds:16s} "
                 + " ".join(f"{v:6.1f}" for v in dp.values())
                 + f"  ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, per_ds in results.items():
         cells = []
         for d in PAIRS:
-            e = per_ds.get(d, {}).get("routet2i")
+            e = per_ds.get(d, {}).get(args.methods.split(",")[0])
             cells.append(" / ".join(f"{v:.0f}" for v in e["delta_p"].values()) if e else "–")
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0

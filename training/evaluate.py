@@ -126,6 +126,7 @@ def evaluate_pair(
     cache_dir: str | None = None,
     progress: bool = True,
     threads: int = 1,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
     """The eval report (CONTRACTS.md JSON plus extra fields) of ``methods`` on ``pair``.
 
@@ -154,6 +155,7 @@ def evaluate_pair(
             n_boot,
             cache_dir,
             progress,
+            first_seed,
             t_start,
             tqdm,
         )
@@ -176,6 +178,7 @@ def _evaluate(
     n_boot,
     cache_dir,
     progress,
+    first_seed,
     t_start,
     tqdm,
 ) -> dict[str, Any]:
@@ -203,16 +206,17 @@ def _evaluate(
     jobs = [(s, m) for s in range(seeds) for m in methods]
     bar = tqdm(total=len(jobs) * 1, desc=f"eval {pair.dataset}", unit="method-seed", disable=not progress)
     for s, m in jobs:
-        fold_ids[s] = folds_by_text(pair.prompts, folds, seed=s)
+        sv = first_seed + s  # the seed value: split, initialization, random routing, tie order
+        fold_ids[s] = folds_by_text(pair.prompts, folds, seed=sv)
         t0 = time.perf_counter()
         if m in RULE_METHODS:
-            scores[m][s] = rule_scores(m, np.random.default_rng(1000 + s), n, gap=gap, nouns=nouns)
+            scores[m][s] = rule_scores(m, np.random.default_rng(1000 + sv), n, gap=gap, nouns=nouns)
         else:
             for f in range(folds):
                 test = np.flatnonzero(fold_ids[s] == f)
                 train = np.flatnonzero(fold_ids[s] != f)
                 module, _, info = train_on(
-                    m, pair, feats, train, weights, sd, cfg, seed=s * 100 + f, overrides=overrides
+                    m, pair, feats, train, weights, sd, cfg, seed=sv * 100 + f, overrides=overrides
                 )
                 scores[m][s, test] = predict(module, feats, test)
                 best_epochs[m].append(info["best_epoch"])
@@ -221,7 +225,7 @@ def _evaluate(
         bar.update(1)
     bar.close()
 
-    tiebreaks = [np.random.default_rng(2000 + s).permutation(n) for s in range(seeds)]
+    tiebreaks = [np.random.default_rng(2000 + first_seed + s).permutation(n) for s in range(seeds)]
     report: dict[str, Any] = {
         "dataset": pair.dataset,
         "edge_model": pair.edge_model,
@@ -230,6 +234,7 @@ def _evaluate(
         "n_prompts": int(n),
         "folds": int(folds),
         "seeds": int(seeds),
+        "first_seed": int(first_seed),
         "weights": [float(w) for w in weights],
         "rates": [float(r) for r in rates],
         "targets": [float(t) for t in targets],
@@ -382,6 +387,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache-dir", default=None, help="token-state cache folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds are first_seed .. first_seed+seeds-1"
+    )
 
 
 def _parse_floats(text: str, name: str) -> tuple[float, ...]:
@@ -488,6 +496,7 @@ def run(args: argparse.Namespace) -> int:
         n_boot=args.bootstrap,
         cache_dir=args.cache_dir,
         threads=args.threads,
+        first_seed=args.first_seed,
     )
     write_json(report, args.json)
     if args.plot:
