@@ -47,7 +47,12 @@ def _latents(seed: int, pipe: EdgePipeline, size: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "scheduler, diffusers_class",
-    [(None, None), ("euler", "EulerDiscreteScheduler"), ("dpm++", "DPMSolverMultistepScheduler")],
+    [
+        (None, None),
+        ("euler", "EulerDiscreteScheduler"),
+        ("dpm++", "DPMSolverMultistepScheduler"),
+        ("pndm", "PNDMScheduler"),
+    ],
 )
 def test_parity_with_optimum_ort_pipeline(
     pipe, optimum_pipe, edge_bundle, scheduler, diffusers_class

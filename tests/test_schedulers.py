@@ -10,6 +10,7 @@ from routet2i.schedulers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    PNDMScheduler,
     load_scheduler_config,
     scheduler_from_config,
 )
@@ -40,6 +41,7 @@ PAIRS = {
     "ddim": (DDIMScheduler, "DDIMScheduler"),
     "euler": (EulerDiscreteScheduler, "EulerDiscreteScheduler"),
     "dpm++": (DPMSolverMultistepScheduler, "DPMSolverMultistepScheduler"),
+    "pndm": (PNDMScheduler, "PNDMScheduler"),
 }
 
 
@@ -140,6 +142,14 @@ def test_parity_linear_schedule_defaults(name: str) -> None:
     _run_both(name, {"_class_name": PAIRS[name][1]}, 10, abs_only=False)
 
 
+@pytest.mark.parametrize("steps", [4, 10, 25])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_parity_pndm_runge_kutta_warmup(steps: int, prediction_type: str) -> None:
+    """PNDM as diffusers defaults it (skip_prk_steps=False: 12 Runge-Kutta sub-steps first)."""
+    cfg = {**SD21_CONFIG, "skip_prk_steps": False, "prediction_type": prediction_type}
+    _run_both("pndm", cfg, steps)
+
+
 def test_parity_dpm_sigma_min_final() -> None:
     _run_both("dpm++", {**SD21_CONFIG, "final_sigmas_type": "sigma_min", "lower_order_final": False}, 10)
 
@@ -156,8 +166,9 @@ def test_factory_reads_class_name_and_override(tmp_path) -> None:
 
 
 def test_factory_rejects_unknown_class_listing_allowed() -> None:
-    with pytest.raises(ValueError, match="PNDMScheduler.*allowed: DDIMScheduler"):
-        scheduler_from_config({**SD21_CONFIG, "_class_name": "PNDMScheduler"})
+    with pytest.raises(ValueError, match="LMSDiscreteScheduler.*allowed: DDIMScheduler"):
+        scheduler_from_config({**SD21_CONFIG, "_class_name": "LMSDiscreteScheduler"})
+    assert isinstance(scheduler_from_config({**SD21_CONFIG, "_class_name": "PNDMScheduler"}), PNDMScheduler)
     with pytest.raises(ValueError, match="scheduler='heun'"):
         scheduler_from_config(SD21_CONFIG, name="heun")
 

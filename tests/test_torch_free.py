@@ -51,10 +51,10 @@ router = RouterSession(args["router"])
 prs, scores = router.predict(["a red fox in the snow", "two cats"])
 one, _ = router.predict_one("a red fox in the snow")
 images = {}
-for scheduler in ("ddim", "euler", "dpm++"):
+for scheduler in ("ddim", "euler", "dpm++", "pndm"):
     pipe = EdgePipeline(args["edge"], scheduler=scheduler)
     steps = []
-    img = pipe("a red fox in the snow", negative_prompt="blurry", num_inference_steps=3, seed=0,
+    img = pipe("a red fox in the snow", negative_prompt="blurry", num_inference_steps=4, seed=0,
                callback=lambda i, n, t, x: steps.append(i))
     images[scheduler] = [img.size, img.mode, steps, float(np.asarray(img).std())]
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "diffusers", "optimum"})
@@ -88,10 +88,11 @@ def test_device_path_is_torch_free(tiny_models, tmp_path) -> None:
     imported = {m.split(".")[1] for m in out["modules"]}
     assert sdk_files <= imported, f"sdk modules not covered: {sorted(sdk_files - imported)}"
     assert {"routet2i.edge_pipeline", "routet2i.router_runtime", "routet2i.ort"} <= set(out["modules"])
-    assert {"routet2i.schedulers.ddim", "routet2i.schedulers.euler", "routet2i.schedulers.dpm_solver"} <= set(
-        out["modules"]
-    )
+    schedulers = {"ddim", "euler", "dpm_solver", "pndm"}
+    assert {f"routet2i.schedulers.{s}" for s in schedulers} <= set(out["modules"])
     assert len(out["prs"]) == 2 and out["scores_shape"] == [2, 3] and abs(out["one"] - out["prs"][0]) < 1e-5
     for scheduler, (size, mode, steps, std) in out["images"].items():
-        assert size == [64, 64] and mode == "RGB" and steps == [1, 2, 3], scheduler
+        # one callback per UNet call: 4 steps (PNDM without skip_prk_steps: 12 Runge-Kutta + 1, as diffusers)
+        assert size == [64, 64] and mode == "RGB" and steps == list(range(1, len(steps) + 1)), scheduler
+        assert len(steps) == (13 if scheduler == "pndm" else 4), scheduler
         assert std > 0.5, scheduler  # pixel values vary: an image, not a constant

@@ -1,4 +1,5 @@
-"""numpy ports of diffusers' schedulers (DDIM, Euler, DPM-Solver++ multistep) for the torch-free device.
+"""numpy ports of diffusers' schedulers (DDIM, Euler, DPM-Solver++ multistep, PNDM/PLMS) for the torch-free
+device.
 
 Each scheduler is one self-contained file that reads diffusers' ``scheduler_config.json``. The factory
 picks the class from the config's ``_class_name`` (or a name the caller gives, as
@@ -16,16 +17,18 @@ from typing import Any, Union
 from routet2i.schedulers.ddim import DDIMConfig, DDIMScheduler
 from routet2i.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMultistepScheduler
 from routet2i.schedulers.euler import EulerDiscreteConfig, EulerDiscreteScheduler
+from routet2i.schedulers.pndm import PNDMConfig, PNDMScheduler
 
 logger = logging.getLogger(__name__)
 
-Scheduler = Union[DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler]
+Scheduler = Union[DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler]
 
 # diffusers class name -> numpy port.
 SCHEDULERS: dict[str, type] = {
     "DDIMScheduler": DDIMScheduler,
     "EulerDiscreteScheduler": EulerDiscreteScheduler,
     "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+    "PNDMScheduler": PNDMScheduler,  # what stabilityai/stable-diffusion-2-1-base ships (PLMS)
 }
 # Short names accepted by `scheduler_from_config(..., name=...)` and `EdgePipeline(scheduler=...)`.
 ALIASES: dict[str, str] = {
@@ -34,6 +37,8 @@ ALIASES: dict[str, str] = {
     "dpm++": "DPMSolverMultistepScheduler",
     "dpmsolver++": "DPMSolverMultistepScheduler",
     "dpm-solver++": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "plms": "PNDMScheduler",
 }
 
 __all__ = [
@@ -45,6 +50,8 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "EulerDiscreteConfig",
     "EulerDiscreteScheduler",
+    "PNDMConfig",
+    "PNDMScheduler",
     "Scheduler",
     "load_scheduler_config",
     "scheduler_from_config",
