@@ -11,6 +11,11 @@ file size, max abs / relative diff ORT vs torch, and the time per UNet step of O
 interleaved on the same inputs (medians), with their ratio. Not part of `make test` (minutes and ~12 GB).
 
     .venv/bin/python bench/bench_export_unet.py [--runs 3] [--batch 2] [--threads 2] [--keep DIR] [--tiny]
+
+``--full-pipeline`` instead runs the whole ``routet2i export edge`` (optimum-onnx ``main_export``, per-graph
+and pipeline validation at 64x64, manifest) on an SD2.1-base-shaped pipeline with full-size UNet, VAE and
+OpenCLIP-H text encoder (random weights; the generated tiny CLIP vocabulary, whose ids are all within the
+49408-token embedding) and prints its wall time, peak memory and bundle size.
 """
 
 from __future__ import annotations
@@ -62,6 +67,83 @@ def _max_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
 
 
+# OpenCLIP ViT-H/14 text tower as SD2.1 ships it (text_encoder/config.json).
+SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)  # fmt: skip
+SD21_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)  # fmt: skip
+
+
+def full_pipeline(args: argparse.Namespace) -> int:
+    """`routet2i export edge` end to end on a full-size SD2.1-base-shaped pipeline (random weights)."""
+    import gc
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from routet2i.export.edge import EdgeExportConfig, export_edge
+    from routet2i.training.tiny_models import BOS, EOS, build_clip_tokenizer_files
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.set_num_threads(args.threads)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-sd21-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src, out = work / "sd21-base-random", work / "bundle"
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    tok_dir = work / "tok"
+    build_clip_tokenizer_files(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), bos_token=BOS,
+                              eos_token=EOS, unk_token=EOS, pad_token="!", model_max_length=77)  # fmt: skip
+    vocab = tokenizer.get_vocab()
+    text = CLIPTextModel(
+        CLIPTextConfig(**SD21_TEXT, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=0)
+    )
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD21_VAE),
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**SD21_BASE_UNET),
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),  # fmt: skip
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    n = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in ("unet", "vae", "text_encoder")}
+    pipe.save_pretrained(src)
+    del pipe, text
+    gc.collect()
+    print(f"built and saved the pipeline in {time.perf_counter() - t0:.0f}s: "
+          + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in n.items()), flush=True)  # fmt: skip
+    rss_before = _max_rss_gb()
+    t0 = time.perf_counter()
+    result = export_edge(
+        EdgeExportConfig(pipeline=str(src), out=out, vae_encoder=False, validate_size=(64, 64))
+    )
+    seconds = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print("\n== routet2i export edge, full-size SD2.1-base-shaped pipeline (random weights, CPU) ==")
+    print(f"export + validation     {seconds:.0f} s")
+    print(
+        f"peak memory (max RSS)   {_max_rss_gb():.1f} GB (building the pipeline alone: {rss_before:.1f} GB)"
+    )
+    print(f"bundle size             {size / 1e9:.2f} GB")
+    for name, r in result.graphs.items():
+        print(f"  {name:<13} {r.bytes / 1e9:.2f} GB  max abs diff {max(r.max_abs_diff.values()):.1e}  "
+              f"{'validated' if r.validated else 'NOT validated'}")  # fmt: skip
+    print(f"pipeline max abs diff   {result.pipeline_max_abs_diff:.2e} (64x64, 2 steps)")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="timed UNet steps per runtime (median)")
@@ -70,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="keep the exported unet here (default: a temp folder)")
     parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny UNet of the same shape")
     parser.add_argument("--json", type=Path, help="also write the numbers as JSON")
+    parser.add_argument(
+        "--full-pipeline", action="store_true", help="whole `export edge` on a full-size pipeline"
+    )
     args = parser.parse_args(argv)
+    if args.full_pipeline:
+        return full_pipeline(args)
 
     import numpy as np
     import onnxruntime as ort
