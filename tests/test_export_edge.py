@@ -202,3 +202,17 @@ def test_fast_tokenizer_made_from_slow_files(tiny_models: dict[str, Path], tmp_p
     _write_fast_tokenizer(None, folder)
     fast, slow = Tokenizer.from_file(str(folder / "tokenizer.json")), CLIPTokenizer.from_pretrained(folder)
     assert fast.encode("two cats on a sofa").ids == slow("two cats on a sofa").input_ids
+
+
+@pytest.mark.slow
+def test_full_size_unet_bench_runs() -> None:
+    """bench/bench_export_unet.py at full size (865.9M parameters): minutes and ~10 GB of memory."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench_export_unet.py"
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--runs", "1", "--batch", "1"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "865.9M" in proc.stdout and "ratio ORT / torch" in proc.stdout
