@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from routet2i._errors import UsageError
+from routet2i.bundle import publish_folder
 from routet2i.export.specs import (
     EDGE_GRAPHS,
     EDGE_OPSET,
@@ -185,18 +186,6 @@ def parse_size(text: str, what: str = "--sizes") -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------- the stages
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Give the temp folder (mkdtemp: mode 0700) normal permissions and rename it into place."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def _say(stage: str, message: str) -> None:
@@ -581,7 +570,7 @@ def export_edge(config: EdgeExportConfig) -> EdgeExportResult:
         from routet2i.bundle import write_manifest
 
         result.manifest = write_manifest(tmp, kind="edge", extra=extra)
-        _publish(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

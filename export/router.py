@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from routet2i._errors import UsageError
+from routet2i.bundle import publish_folder
 from routet2i.export.specs import ROUTER, ExportValidationError, OutputMismatch, compare_outputs
 
 logger = logging.getLogger(__name__)
@@ -93,18 +94,6 @@ class RouterExportResult:
     candidates: dict[str, dict[str, Any]] = field(default_factory=dict)  # per exporter: validated, diff, ms
     routing: dict[str, Any] = field(default_factory=dict)  # routing.json
     seconds: float = 0.0  # total wall time
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Give the temp folder (mkdtemp: mode 0700) normal permissions and rename it into place."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def _say(stage: str, message: str) -> None:
@@ -421,7 +410,7 @@ def export_router(config: RouterExportConfig) -> RouterExportResult:
                 }
             },
         )
-        _publish(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

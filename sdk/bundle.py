@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +42,19 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def publish_folder(tmp: str | Path, out: str | Path) -> None:
+    """Move a folder built in a temporary place (``tempfile.mkdtemp``: mode 0700) to ``out``: give it the
+    permissions a normal ``mkdir`` would, replace whatever ``out`` was, rename. Nothing half-written is
+    ever visible at ``out``."""
+    tmp, out = Path(tmp), Path(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def _versions() -> dict[str, str]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from routet2i._errors import UsageError
+from routet2i.bundle import publish_folder
 
 logger = logging.getLogger(__name__)
 
@@ -428,18 +429,6 @@ def _build_clip(out: Path, work: Path, sizes: TinySizes) -> None:
     processor.save_pretrained(out)
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Give the temp folder (mkdtemp: mode 0700) normal permissions and rename it into place."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def build_tiny_models(out: Path, force: bool = False, sizes: TinySizes = TinySizes()) -> dict[str, Path]:
     """Build ``out/edge-sd21``, ``out/cloud-sd3`` and ``out/clip``; return {name: folder}.
 
@@ -459,7 +448,7 @@ def build_tiny_models(out: Path, force: bool = False, sizes: TinySizes = TinySiz
             logger.info("building tiny %s", name)
             build(tmp / name, work, sizes)
         shutil.rmtree(work)
-        _publish(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
