@@ -127,10 +127,18 @@ def resolve_providers(providers: str | Sequence[ProviderSpec] | None = None) -> 
                 f"({_onnxruntime().__version__}); available: {', '.join(available)}"
             )
         chosen.append((name, dict(spec[1])) if isinstance(spec, tuple) else name)
+    names = {provider_name(p) for p in chosen}
+    # TensorRT hands the nodes it cannot build engines for to CUDA (ONNX Runtime's recommended chain).
+    if (
+        "TensorrtExecutionProvider" in names
+        and "CUDAExecutionProvider" in available
+        and "CUDAExecutionProvider" not in names
+    ):
+        chosen.insert(
+            [provider_name(p) for p in chosen].index("TensorrtExecutionProvider") + 1, "CUDAExecutionProvider"
+        )
     # CPU as the last resort for nodes a GPU provider does not implement (ONNX Runtime needs it).
-    if "CPUExecutionProvider" in available and "CPUExecutionProvider" not in {
-        provider_name(p) for p in chosen
-    }:
+    if "CPUExecutionProvider" in available and "CPUExecutionProvider" not in names:
         chosen.append("CPUExecutionProvider")
     return chosen
 

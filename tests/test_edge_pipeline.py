@@ -299,3 +299,19 @@ def test_ort_model_bad_file(tmp_path) -> None:
         OrtModel(bad)
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         OrtModel(tmp_path / "missing.onnx")
+
+
+def test_provider_chain_with_fake_gpu_build(monkeypatch) -> None:
+    """On a build with TensorRT and CUDA (faked here: no GPU is lent), the default chain is TRT -> CUDA -> CPU,
+    naming TensorRT alone keeps CUDA and CPU behind it, and GPU providers use IO binding."""
+    import routet2i.ort as ort_mod
+
+    fake = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort_mod, "available_providers", lambda: list(fake))
+    assert resolve_providers(None) == fake
+    assert resolve_providers(["trt"]) == fake
+    assert resolve_providers([("cuda", {"device_id": 0})]) == [
+        ("CUDAExecutionProvider", {"device_id": 0}),
+        "CPUExecutionProvider",
+    ]
+    assert ort_mod.GPU_PROVIDERS["CUDAExecutionProvider"] == "cuda"
