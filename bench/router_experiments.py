@@ -6,7 +6,7 @@ the same 5 folds x 3 seeds as `make results`, and writes docs/results/experiment
 table on stdout. Used to choose defaults that hold across datasets (never per dataset).
 
     .venv/bin/python bench/router_experiments.py                       # the default grid
-    .venv/bin/python bench/router_experiments.py --only default,gamma=4
+    .venv/bin/python bench/router_experiments.py --only 'default;gamma=4'
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ GRID: dict[str, tuple[dict, dict]] = {
     "n_layers=1": ({}, {"n_layers": 1}),
     "weight_decay=0.1": ({"weight_decay": 0.1}, {}),
     "lr=3e-4": ({"lr": 3e-4}, {}),
+    "small (rank=8, score_dim=32)": ({}, {"rank": 8, "score_dim": 32}),
+    "dropout=0.3": ({}, {"dropout": 0.3}),
+    "gamma=4, top_k=16": ({"gamma": 4.0}, {"top_k": 16}),
+    "no early stopping (100 epochs)": ({"max_epochs": 100, "patience": 1000, "restore_best": False}, {}),
 }
 
 
@@ -44,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from routet2i.training.train import TrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=None, help="comma-separated grid names")
+    parser.add_argument("--only", default=None, help="grid names separated by ';'")
     parser.add_argument("--methods", default="routet2i")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="a different seed set measures the noise")
     parser.add_argument("--tag", default="", help="suffix of the result names (e.g. @seeds3-5)")
     parser.add_argument("--out", default=str(DOCS / "results" / "experiments.json"))
     args = parser.parse_args(argv)
-    names = list(GRID) if args.only is None else args.only.split(",")
+    names = list(GRID) if args.only is None else args.only.split(";")
     df = read_table(TABLE)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}

@@ -356,7 +356,7 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from routet2i.training.baselines import METHODS
+    from routet2i.training.methods import METHODS
 
     parser.add_argument("--table", required=True, help="quality table (CSV or Parquet)")
     parser.add_argument("--dataset", required=True, help="dataset name in the table")
@@ -439,7 +439,7 @@ def _parse_sets(items: list[str], cfg):
 def check_eval_args(args: argparse.Namespace, n_texts: int | None = None) -> list[str]:
     """Validate rates/targets/folds/seeds/methods; returns the method list."""
     from routet2i._errors import UsageError
-    from routet2i.training.baselines import METHODS
+    from routet2i.training.methods import METHODS
 
     for r in _parse_floats(args.rates, "--rates"):
         if not (0.0 < r < 1.0):

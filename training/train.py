@@ -66,6 +66,7 @@ class TrainConfig:
     loss: str = "bce"  # RouteT2I: "bce" (soft-label BCE on each head) or "mse", summed over heads
     gamma: float = 1.0  # Gamma of the PRS labels D_i (ROUTET2I.md section 2)
     eps: float = 1e-6  # eps of the PRS labels
+    restore_best: bool = True  # keep the epoch with the best validation loss (False: the last epoch)
 
 
 def model_config(
@@ -198,7 +199,7 @@ def fit(
             best_state = copy.deepcopy(module.state_dict())
         elif epoch - best_epoch >= cfg.patience:
             break
-    if best_state is not None:
+    if best_state is not None and cfg.restore_best:
         module.load_state_dict(best_state)
     module.eval()
     return {"best_epoch": best_epoch, "best_val_loss": best, "epochs_run": len(history), "history": history}
