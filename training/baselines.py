@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from routet2i.training.methods import ABLATIONS, METHODS, RULE_METHODS, TRAINED_BASELINES
 from torch import nn
 from torch.nn import functional as F
 
@@ -48,8 +49,6 @@ __all__ = [
     "baseline_loss",
     "rule_scores",
 ]
-
-from routet2i.training.methods import ABLATIONS, METHODS, RULE_METHODS, TRAINED_BASELINES  # noqa: E402,F401
 
 
 @dataclass
