@@ -8,7 +8,7 @@ analysis kept in docs/RESULTS_NOTES.md.
 
     .venv/bin/python bench/results.py                 # run all three (about 10-15 min each on 2 shared cores)
     .venv/bin/python bench/results.py --only tifa160  # one dataset; the others are read from their JSON
-    .venv/bin/python bench/results.py --reuse         # rebuild RESULTS.md from the JSON files only
+    .venv/bin/python bench/results.py --reuse         # rebuild RESULTS.md and the plots from the JSON files
 """
 
 from __future__ import annotations
@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.reuse and name in todo:
             reports[name] = run_dataset(name, args.folds, args.seeds)
         elif path.is_file():
+            from routet2i.training.evaluate import plot_curves
+
             reports[name] = json.loads(path.read_text())
+            plot_curves(reports[name], DOCS / f"{name}_curves.png")
     if not reports:
         print("no results to write", file=sys.stderr)
         return 2

@@ -311,7 +311,7 @@ _STYLE = {
     "oracle": dict(color="black", ls=":"),
     "random": dict(color="gray", ls="--"),
     "noun_count": dict(color="tab:brown", ls="--"),
-    "routet2i": dict(color="tab:red", lw=2.5),
+    "routet2i": dict(color="tab:red", lw=2.5, zorder=5),
     "routellm_bert": dict(color="tab:blue"),
     "hybrid_llm": dict(color="tab:cyan"),
     "zooter": dict(color="tab:green"),
@@ -470,6 +470,7 @@ def write_json(report: dict[str, Any], path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     with os.fdopen(fd, "w") as fh:
         json.dump(report, fh, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be read
     os.replace(tmp, out)
     return out
 
