@@ -302,3 +302,20 @@ def test_train_and_eval_unknown_names_exit_2(setup, capsys, swap: tuple[str, str
 def test_train_rule_method_exits_2(setup, capsys) -> None:
     assert main(["train", *_pair_args(setup), "--out", str(setup["root"] / "bad"), "--method", "oracle"]) == 2
     assert "not a trainable router" in capsys.readouterr().err
+
+
+def test_token_states_are_computed_once_and_cached(setup, tmp_path) -> None:
+    from routet2i.training import features
+
+    prompts = ["a red cat", "a dog and a car", "a cup"]
+    first = features.token_states(prompts, str(setup["backbone"]), 32, cache_dir=tmp_path)
+    assert features.token_states(prompts, str(setup["backbone"]), 32, cache_dir=tmp_path) is first  # memory
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    features._MEMORY.clear()
+    warm = features.token_states(prompts, str(setup["backbone"]), 32, cache_dir=tmp_path)  # from disk
+    assert warm is not first and torch.equal(warm.states, first.states) and torch.equal(warm.mask, first.mask)
+    assert first.states.shape[:2] == first.mask.shape and first.mask.sum(1).tolist() == [5, 7, 4]  # CLS/SEP
+    s, m = first.subset([2])
+    assert s.shape[1] == 4 and m.shape == (1, 4)  # trimmed to the longest prompt of the subset
+    other = features.token_states(prompts[:2], str(setup["backbone"]), 32, cache_dir=tmp_path)
+    assert other.key != first.key
