@@ -191,6 +191,13 @@ def _evaluate(
     gap = q_c - q_e
     metric_gaps = (pair.q_cloud - pair.q_edge) / sd[None, :]
     gaps = np.column_stack([gap, metric_gaps])  # column 0: combined, then one per metric
+    if gap.sum() <= 1e-9 * max(1.0, float(np.abs(gap).sum())):
+        logger.warning(
+            "%s: the cloud model is not better than the edge model in total (sum of Q_c - Q_e = %.3g); "
+            "Delta P divides by that sum and is meaningless here",
+            pair.dataset,
+            gap.sum(),
+        )
     trained = [m for m in methods if m not in RULE_METHODS]
     feats = token_states_for(pair, backbone, max_length, cache_dir) if trained else None
     nouns = None
@@ -245,6 +252,7 @@ def _evaluate(
         "cloud_only_quality": float(q_c.mean()),
         "cloud_win_rate": float(np.mean(gap > 0)),
         "tie_rate": float(np.mean(gap == 0)),
+        "total_gap": float(gap.sum()),
         "bootstrap_samples": int(n_boot),
         "methods": {},
     }
