@@ -331,6 +331,7 @@ def check_train_args(args: argparse.Namespace) -> None:
 
 def load_pair(args: argparse.Namespace):
     """(pair, weights [k]) from --table/--dataset/--edge-model/--cloud-model/--metrics/--weights."""
+    from routet2i._errors import UsageError
     from routet2i.prs import normalize_weights
     from routet2i.training.tables import pair_data, read_table
 
@@ -338,7 +339,10 @@ def load_pair(args: argparse.Namespace):
     pair = pair_data(
         df, args.dataset, args.edge_model, args.cloud_model, parse_list(args.metrics, "--metrics")
     )
-    weights = normalize_weights(parse_list(args.weights, "--weights", float), len(pair.metrics))
+    try:
+        weights = normalize_weights(parse_list(args.weights, "--weights", float), len(pair.metrics))
+    except UsageError as exc:
+        raise UsageError(f"--weights {args.weights!r}: {exc} (metrics: {', '.join(pair.metrics)})") from exc
     return pair, weights
 
 
