@@ -227,11 +227,13 @@ def main() -> None:
         fn(2)
         _say(f"  {name}: {time.perf_counter() - t0:.1f}s")
     gaps: dict[str, list[float]] = {name: [] for name in runners}
+    per_run: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners)
     for r in range(args.runs):
         for name in order if r % 2 == 0 else order[::-1]:
             g = runners[name](args.steps)
             gaps[name] += g
+            per_run[name].append(statistics.median(g))
             _say(f"  run {r + 1} {name}: steps {', '.join(f'{x:.2f}s' for x in g)}")
 
     med = {name: statistics.median(g) for name, g in gaps.items()}
@@ -241,6 +243,11 @@ def main() -> None:
     for name, m in med.items():
         extra = "" if name == "torch" else f"   speed-up vs torch {med['torch'] / m:.2f}x (goal >= 1.5x)"
         print(f"  {name:<15} median {m:7.2f}s over {len(gaps[name])} steps{extra}")
+    for name in med:
+        if name != "torch":  # adjacent runs see similar machine load: their ratios are the steadier figure
+            paired = [t / o for t, o in zip(per_run["torch"], per_run[name], strict=True)]
+            print(f"  {name:<15} per-run paired speed-ups {', '.join(f'{x:.2f}x' for x in paired)} "
+                  f"(median {statistics.median(paired):.2f}x)")  # fmt: skip
     record = {
         "size": side,
         "threads": args.threads,
@@ -249,6 +256,7 @@ def main() -> None:
         "onnx_step_s": min(m for n, m in med.items() if n != "torch"),
         "steps": {n: g for n, g in gaps.items()},
         "medians": med,
+        "per_run_medians": per_run,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "unix": int(time.time()),
