@@ -266,6 +266,16 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
         return quota_pb(snap)
 
 
+def _listen_port(listen: str) -> int | None:
+    """The port of a ``HOST:PORT`` listen address (None for ``unix:`` sockets); ValueError when malformed."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return None
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--listen {listen!r}: expected HOST:PORT with PORT in 0..65535 (0: any free port)")
+    return int(port)
+
+
 @dataclass(frozen=True)
 class TlsConfig:
     cert_file: Path  # the server's PEM certificate chain
@@ -280,6 +290,8 @@ class TlsConfig:
         ):  # noqa: E501
             if f is not None and not Path(f).is_file():
                 raise FileNotFoundError(f"{name} {f}: no such file")
+            if f is not None and b"-----BEGIN " not in Path(f).read_bytes():
+                raise ValueError(f"{name} {f}: not a PEM file (no '-----BEGIN ...' line)")
         ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
         return grpc.ssl_server_credentials(
             [(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())],
@@ -335,6 +347,7 @@ async def create_server(
     """Bind `listen` (port 0: any free port), start serving health NOT_SERVING, load the pipeline, then
     report SERVING and return ``(server, port)``. `store` is a store or a URL (then the server owns and
     closes it); `pipeline` is a pipeline object, a loader, `"noop"`, or an SD3 folder / Hugging Face id."""
+    requested_port = _listen_port(listen)
     owns_store = isinstance(store, str)
     store_obj = open_store(store) if isinstance(store, str) else store
     if isinstance(pipeline, str):
@@ -350,6 +363,9 @@ async def create_server(
         options=[
             ("grpc.max_receive_message_length", max_receive_message_bytes),
             ("grpc.max_send_message_length", max_send_message_bytes),
+            # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and silently
+            # share the traffic with the first. Off: a taken port is an error.
+            ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
@@ -365,12 +381,18 @@ async def create_server(
     try:
         port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     except RuntimeError as e:
-        raise OSError(f"--listen {listen!r}: could not bind ({e})") from e
+        raise OSError(f"--listen {listen!r}: could not bind (port in use or address not local?) ({e})") from e
+    if requested_port is not None and requested_port != 0 and port != requested_port:
+        raise OSError(f"--listen {listen!r}: gRPC bound port {port} instead of {requested_port}")
     await server.start()
     cs = CloudServer(server, core, health_servicer, port, owns_store)
     if metrics_port is not None:  # on the same interface as the gRPC port
         host = listen.rsplit(":", 1)[0].strip("[]")
-        metrics.serve_http(metrics_port, addr=host or "0.0.0.0")
+        try:
+            metrics.serve_http(metrics_port, addr=host or "0.0.0.0")
+        except OSError as e:
+            await cs.stop(grace=0)
+            raise OSError(f"--metrics-port {metrics_port}: could not bind ({e.strerror or e})") from e
     try:
         await core.start()
     except BaseException:

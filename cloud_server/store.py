@@ -377,9 +377,13 @@ class SqliteStore(QuotaStore):
         self._lock = threading.Lock()
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"the folder of the SQLite store {self.path} does not exist")
-        with self._write() as cur:
-            for stmt in (*_SCHEMA, _SQLITE_TRIGGER):
-                cur.execute(stmt)
+        try:
+            with self._write() as cur:
+                for stmt in (*_SCHEMA, _SQLITE_TRIGGER):
+                    cur.execute(stmt)
+        except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
+            self.close()
+            raise ValueError(f"--db {self.url!r}: {self.path} is not a usable SQLite store ({e})") from e
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -101,3 +101,66 @@ def test_console_script_prints_token_once(tmp_path):
                            timeout=60)  # fmt: skip
     assert shown.returncode == 0 and token not in shown.stdout + shown.stderr
     assert shown.stdout.strip() == "d: 0 used, 0 in progress, 2 remaining of 2 in total"
+
+
+# --- bind and file errors found by the acceptance audit
+
+
+def _serve_once(store_url: str, listen: str, **kwargs) -> int:
+    """create_server then stop at once; returns the bound port."""
+    import asyncio
+
+    from routet2i.cloud_server.servicer import create_server
+
+    async def go() -> int:
+        server, port = await create_server(store_url, "noop", listen, **kwargs)
+        await server.stop(0)
+        return port
+
+    return asyncio.run(go())
+
+
+def test_listen_port_out_of_range_is_refused(capsys, sqlite_url):
+    # gRPC alone wraps 99999 around (to 34463) and serves there without a word
+    with pytest.raises(ValueError, match=r"PORT in 0\.\.65535"):
+        _serve_once(sqlite_url, "127.0.0.1:99999")
+    code, _, err = _run(
+        capsys, "serve", "--pipeline", "noop", "--listen", "127.0.0.1:99999", "--db", sqlite_url
+    )
+    assert code == 2 and "--listen '127.0.0.1:99999'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_taken_port_is_refused_not_shared(sqlite_url):
+    # gRPC sets SO_REUSEPORT by default: a second server would bind the same port and share its traffic
+    from routet2i.cloud_server import BackgroundServer
+
+    with BackgroundServer(sqlite_url, "noop") as srv:
+        with pytest.raises(OSError, match="could not bind"):
+            _serve_once(sqlite_url, f"127.0.0.1:{srv.port}")
+
+
+def test_taken_metrics_port_names_the_option(capsys, sqlite_url):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, _, err = _run(capsys, "serve", "--pipeline", "noop", "--listen", "127.0.0.1:0",
+                            "--metrics-port", str(port), "--db", sqlite_url)  # fmt: skip
+    assert code == 2 and f"--metrics-port {port}: could not bind" in err and "Traceback" not in err
+
+
+def test_tls_files_that_are_not_pem_are_named(capsys, sqlite_url, tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(b"\x00\x01not a certificate")
+    code, _, err = _run(capsys, "serve", "--pipeline", "noop", "--listen", "127.0.0.1:0", "--tls-cert", str(junk),
+                        "--tls-key", str(junk), "--db", sqlite_url)  # fmt: skip
+    assert code == 2 and f"--tls-cert {junk}: not a PEM file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sqlite_db_that_is_not_a_database(capsys, tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"dataset,prompt\n" * 100)
+    code, _, err = _run(capsys, "device", "list", "--db", f"sqlite:///{junk}")
+    assert code == 2 and "is not a usable SQLite store" in err and len(err.strip().splitlines()) == 1
