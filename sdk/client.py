@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import io
 import logging
 import math
@@ -93,6 +94,13 @@ def _as_path(x: Any) -> str | None:
     return str(x) if isinstance(x, (str, Path)) else None
 
 
+def _cloud_key(endpoint: str | None, token: str | None) -> str | None:
+    """Which cloud account a remembered quota belongs to: a short digest of endpoint and token (None: no cloud)."""
+    if not endpoint:
+        return None
+    return hashlib.sha256(f"{endpoint}\n{token or ''}".encode()).hexdigest()[:16]
+
+
 def _round(x: float) -> float:
     return round(float(x), 6)
 
@@ -153,7 +161,9 @@ class EdgeClient:
             from routet2i.edge_pipeline import EdgePipeline
 
             self.edge = EdgePipeline(config.edge, providers=config.providers)
-        self.state = DeviceState(config.resolved_state_file())
+        self.state = DeviceState(
+            config.resolved_state_file(), cloud_key=_cloud_key(config.cloud, config.token)
+        )
         self.policy = RoutingPolicy(
             routing,
             config.target_cloud_rate,
@@ -297,6 +307,13 @@ class EdgeClient:
         height = height if height is not None else cfg.height
         negative = negative_prompt if negative_prompt is not None else cfg.negative_prompt
         self._check_args(prompt, seed, steps, guidance, width, height, force)
+        if deadline_s is not None and (
+            isinstance(deadline_s, bool)
+            or not isinstance(deadline_s, (int, float))
+            or not math.isfinite(deadline_s)
+            or deadline_s <= 0
+        ):
+            raise UsageError(f"deadline_s={deadline_s!r}: must be a finite number of seconds > 0")
         request_id = uuid.uuid4().hex
         if seed is None:
             seed = self._rng.randint(0, _MAX_SEED)

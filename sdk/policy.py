@@ -149,10 +149,15 @@ class QuotaInfo:
 
 
 class DeviceState:
-    """Request times, the last quota seen and a remembered exhaustion; persisted to ``path`` (or memory)."""
+    """Request times, the last quota seen and a remembered exhaustion; persisted to ``path`` (or memory).
 
-    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+    The quota and the exhaustion belong to one cloud account: ``cloud_key`` (a digest of endpoint and token)
+    is stored with them, and a state file written for another endpoint or token keeps its request times
+    (the device's own rate) but not that account's quota."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, cloud_key: str | None = None) -> None:
         self.path = Path(path) if path is not None else None
+        self.cloud_key = cloud_key
         self._lock = threading.Lock()
         self.request_times: list[float] = []
         self.quota: QuotaInfo | None = None
@@ -165,6 +170,9 @@ class DeviceState:
         try:
             doc = json.loads(self.path.read_text())
             self.request_times = [float(t) for t in doc.get("request_times", [])][-_MAX_TIMES:]
+            if self.cloud_key is not None and doc.get("cloud_key") != self.cloud_key:
+                logger.info("state file %s: quota of another cloud endpoint or token, not used", self.path)
+                return
             q = doc.get("quota")
             self.quota = QuotaInfo.from_dict(q) if isinstance(q, dict) else None
             self.exhausted_until = float(doc.get("exhausted_until", 0.0))
@@ -181,6 +189,7 @@ class DeviceState:
             if self.quota is None
             else {**self.quota.to_dict(), "observed_unix": self.quota.observed_unix},
             "exhausted_until": self.exhausted_until,
+            "cloud_key": self.cloud_key,
         }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

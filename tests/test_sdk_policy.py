@@ -110,6 +110,36 @@ def test_exhausted_quota_is_remembered_until_period_end(tmp_path):
     assert p.decide("a fox", 0.1, force="cloud", now=now + 60).route == "cloud"
 
 
+def test_remembered_quota_belongs_to_one_cloud_account(tmp_path):
+    # a state file shared by clients of different endpoints/tokens (the default path is per user): the
+    # exhaustion seen with one token must not send another token's requests to the edge
+    now = 1_000_000.0
+    path = tmp_path / "s.json"
+    a = DeviceState(path, cloud_key="account-a")
+    a.record_request(now - 5)
+    a.set_quota(QuotaInfo(limit=2, used=2, remaining=0, period="day", period_end_unix=int(now) + 50), now=now)
+    assert DeviceState(path, cloud_key="account-a").is_exhausted(now + 10)
+    b = DeviceState(path, cloud_key="account-b")
+    assert not b.is_exhausted(now + 10) and b.quota is None
+    assert b.request_times == [now - 5]  # the device's own request rate is kept
+
+
+def test_edge_client_keys_its_state_by_endpoint_and_token(tmp_path):
+    from routet2i.client import EdgeClient
+
+    keys = []
+    for cloud, token in [
+        ("127.0.0.1:1", "t1"),
+        ("127.0.0.1:1", "t2"),
+        ("127.0.0.1:2", "t1"),
+        ("127.0.0.1:1", "t1"),
+    ]:
+        with EdgeClient(cloud=cloud, token=token, state_file=str(tmp_path / "s.json")) as c:
+            keys.append(c.state.cloud_key)
+    assert keys[0] == keys[3] and len(set(keys)) == 3 and all(keys)
+    assert "t1" not in json.dumps(keys)
+
+
 def test_thinning_keeps_expected_rate():
     p = RoutingPolicy(
         {"calibration": [{"rate": 0.2, "alpha": 0.3}]}, 0.05, pacing=False, rng=random.Random(0)
