@@ -52,6 +52,7 @@ from routet2i.export.specs import (
     OutputMismatch,
     compare_outputs,
 )
+from routet2i.paths import check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def _check_out(out: Path, force: bool) -> None:
         raise UsageError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UsageError(f"--out {out}: folder exists and is not empty (pass --force to replace it)")
+    check_output_path(out, "--out", folder=True)
 
 
 def parse_size(text: str, what: str = "--sizes") -> tuple[int, int]:

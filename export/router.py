@@ -40,6 +40,7 @@ from typing import Any
 from routet2i._errors import UsageError
 from routet2i.bundle import publish_folder
 from routet2i.export.specs import ROUTER, ExportValidationError, OutputMismatch, compare_outputs
+from routet2i.paths import check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def _check_inputs(config: RouterExportConfig) -> None:
         raise UsageError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not config.force:
         raise UsageError(f"--out {out}: folder exists and is not empty (pass --force to replace it)")
+    check_output_path(out, "--out", folder=True)
     if config.exporter not in ("auto", *EXPORTERS):
         raise UsageError(f"--exporter {config.exporter!r}: allowed auto, {', '.join(EXPORTERS)}")
     if config.target_rate is not None and not 0.0 <= config.target_rate <= 1.0:

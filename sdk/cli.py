@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from routet2i._errors import UsageError
+from routet2i.paths import check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ def save_png_atomic(image: Any, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an image is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -147,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise UsageError(f"-o {args.output}: the output is a PNG; use a .png file name")
+    check_output_path(output, "-o")
     progress = _Progress(enabled=not args.no_progress)
     overrides = {"target_cloud_rate": args.target_rate}
     try:

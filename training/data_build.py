@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from routet2i._errors import UsageError
+from routet2i.paths import check_output_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -299,6 +300,9 @@ def _validate(cfg: BuildConfig) -> None:
         raise UsageError(f"--guidance must be a finite number, got {cfg.guidance}")
     if Path(cfg.out).suffix.lower() not in (".csv", ".gz", ".parquet", ".pq"):
         raise UsageError(f"--out {str(cfg.out)!r}: use a .csv, .csv.gz or .parquet file")
+    check_output_path(cfg.out, "--out")
+    if cfg.images_dir is not None:
+        check_output_path(cfg.images_dir, "--images-dir", folder=True)
 
 
 def build_table(cfg: BuildConfig) -> BuildResult:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from routet2i._errors import UsageError
+from routet2i.paths import check_output_path
 
 if TYPE_CHECKING:
     from routet2i.training.tables import PairData
@@ -128,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     from routet2i.training.labels import parse_weights
     from routet2i.training.tables import pair_data, read_table
 
+    if args.json:
+        check_output_path(args.json, "--json")
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     pair = pair_data(read_table(args.table), args.dataset, args.edge_model, args.cloud_model, metrics)
     weights = parse_weights(args.weights, pair.metrics)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from routet2i._errors import UsageError
+from routet2i.paths import check_output_path
 from routet2i.prs import DEFAULT_EPS, DEFAULT_GAMMA, metric_distances, normalize_weights
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from routet2i.training.tables import pair_data, read_table
 
+    check_output_path(args.out, "--out")
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     pair = pair_data(read_table(args.table), args.dataset, args.edge_model, args.cloud_model, metrics)
     weights = parse_weights(args.weights, pair.metrics)

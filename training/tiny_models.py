@@ -28,6 +28,7 @@ from pathlib import Path
 
 from routet2i._errors import UsageError
 from routet2i.bundle import publish_folder
+from routet2i.paths import check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -439,6 +440,7 @@ def build_tiny_models(out: Path, force: bool = False, sizes: TinySizes = TinySiz
         raise UsageError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UsageError(f"--out {out}: folder exists and is not empty (pass --force to replace it)")
+    check_output_path(out, "--out", folder=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     names = {"edge-sd21": _build_sd21, "cloud-sd3": _build_sd3, "clip": _build_clip}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
