@@ -208,6 +208,15 @@ def test_config_env_bad_value():
         load_config("/nonexistent/routet2i.toml", environ={})
 
 
+def test_config_path_that_is_a_folder_or_not_text(tmp_path):
+    with pytest.raises(UsageError, match="is a folder"):
+        load_config(tmp_path, environ={})
+    junk = tmp_path / "junk.toml"
+    junk.write_bytes(b"router = '\xbd\xff'\n")
+    with pytest.raises(UsageError, match=r"junk\.toml is not UTF-8 text"):
+        load_config(junk, environ={})
+
+
 def test_config_env_empty_string_turns_files_off():
     c = load_config(
         None, environ={"ROUTET2I_STATE_FILE": "", "ROUTET2I_DECISION_LOG": "", "ROUTET2I_STEPS": "x"}
