@@ -93,6 +93,7 @@ def test_empty_text_and_clashing_ids(tmp_path: Path) -> None:
 
 def test_unreadable_and_absent(tmp_path: Path) -> None:
     assert "does not exist" in _one_line_error(tmp_path / "nope.csv")
+    assert "is a folder" in _one_line_error(tmp_path)  # was "does not exist": misleading
     p = tmp_path / "bad.parquet"
     p.write_text("not parquet")
     assert "cannot read" in _one_line_error(p)

@@ -155,6 +155,8 @@ def read_table(path: str | os.PathLike[str], average: bool = True) -> pd.DataFra
     import pandas as pd
 
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"quality table {str(p)!r} is a folder; give the .csv or .parquet file")
     if not p.is_file():
         raise UsageError(f"quality table {str(p)!r} does not exist (build one with `routet2i data build`)")
     try:
