@@ -1,7 +1,8 @@
 """numpy ports of diffusers' schedulers (DDIM, Euler, DPM-Solver++ multistep, PNDM/PLMS) for the torch-free
 device.
 
-Each scheduler is one self-contained file that reads diffusers' ``scheduler_config.json``. The factory
+One file per scheduler, each reading diffusers' ``scheduler_config.json``; the beta schedules and config
+parsing they share live in ``_common.py``. The factory
 picks the class from the config's ``_class_name`` (or a name the caller gives, as
 ``XScheduler.from_config(pipe.scheduler.config)`` does in diffusers).
 """

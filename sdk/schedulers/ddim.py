@@ -5,18 +5,15 @@ tested against diffusers step by step). Self-contained: numpy only.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from routet2i.schedulers._common import F32, config_from_dict, make_betas
 
 logger = logging.getLogger(__name__)
-
-_F32 = np.float32
 
 
 @dataclass
@@ -42,69 +39,7 @@ class DDIMConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> DDIMConfig:
-        names = {f.name for f in dataclasses.fields(cls)} - {"ignored"}
-        known = {k: v for k, v in config.items() if k in names}
-        ignored = {k: v for k, v in config.items() if k not in names and not k.startswith("_")}
-        if ignored:
-            logger.debug("DDIMScheduler ignores config keys %s", sorted(ignored))
-        return cls(**known, ignored=ignored)
-
-
-def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=torch.float32)`` bit for bit: a float32 step, the first
-    half counted up from ``start`` and the second half down from ``end``, each with one rounding."""
-    f_start, f_end = _F32(start), _F32(end)
-    if steps == 1:
-        return np.array([f_start], dtype=_F32)
-    step = np.float64((f_end - f_start) / _F32(steps - 1))
-    idx = np.arange(steps)
-    up = np.float64(f_start) + step * idx
-    down = np.float64(f_end) - step * (steps - 1 - idx)
-    return np.where(idx < steps // 2, up, down).astype(_F32)
-
-
-def _betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    """The cosine ("squaredcos_cap_v2") schedule."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [
-        min(
-            1 - alpha_bar((i + 1) / num_diffusion_timesteps) / alpha_bar(i / num_diffusion_timesteps),
-            max_beta,
-        )
-        for i in range(num_diffusion_timesteps)
-    ]
-    return np.array(betas, dtype=_F32)
-
-
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    alphas_bar_sqrt = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(_F32))
-    first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
-    alphas_bar = alphas_bar_sqrt**2
-    alphas = np.concatenate([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return (1 - alphas).astype(_F32)
-
-
-def _make_betas(cfg: DDIMConfig) -> np.ndarray:
-    n = cfg.num_train_timesteps
-    if cfg.trained_betas is not None:
-        betas = np.asarray(cfg.trained_betas, dtype=_F32)
-    elif cfg.beta_schedule == "linear":
-        betas = _torch_linspace_f32(cfg.beta_start, cfg.beta_end, n)
-    elif cfg.beta_schedule == "scaled_linear":
-        betas = _torch_linspace_f32(cfg.beta_start**0.5, cfg.beta_end**0.5, n) ** 2
-    elif cfg.beta_schedule == "squaredcos_cap_v2":
-        betas = _betas_for_alpha_bar(n)
-    else:
-        raise ValueError(
-            f"beta_schedule={cfg.beta_schedule!r} is not supported; use linear, scaled_linear or squaredcos_cap_v2"
-        )
-    if cfg.rescale_betas_zero_snr:
-        betas = _rescale_zero_terminal_snr(betas)
-    return betas
+        return config_from_dict(cls, config, "DDIMScheduler")
 
 
 class DDIMScheduler:
@@ -125,11 +60,18 @@ class DDIMScheduler:
                 f"timestep_spacing={self.config.timestep_spacing!r} is not supported; "
                 "use leading, trailing or linspace"
             )
-        self.betas = _make_betas(self.config)
-        self.alphas = (1.0 - self.betas).astype(_F32)
+        self.betas = make_betas(
+            self.config.num_train_timesteps,
+            self.config.beta_schedule,
+            self.config.beta_start,
+            self.config.beta_end,
+            self.config.trained_betas,
+            self.config.rescale_betas_zero_snr,
+        )
+        self.alphas = (1.0 - self.betas).astype(F32)
         # torch.cumprod accumulates float32 in double on CPU: same here, bit for bit.
-        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(_F32)
-        self.final_alpha_cumprod = _F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
+        self.final_alpha_cumprod = F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = np.arange(0, self.config.num_train_timesteps)[::-1].copy().astype(np.int64)
@@ -170,8 +112,8 @@ class DDIMScheduler:
 
     def _threshold_sample(self, sample: np.ndarray) -> np.ndarray:
         b, c, *rest = sample.shape
-        flat = sample.reshape(b, c * int(np.prod(rest))).astype(_F32)
-        s = np.quantile(np.abs(flat), self.config.dynamic_thresholding_ratio, axis=1).astype(_F32)
+        flat = sample.reshape(b, c * int(np.prod(rest))).astype(F32)
+        s = np.quantile(np.abs(flat), self.config.dynamic_thresholding_ratio, axis=1).astype(F32)
         s = np.clip(s, 1, self.config.sample_max_value)[:, None]
         return (np.clip(flat, -s, s) / s).reshape(sample.shape).astype(sample.dtype)
 
@@ -213,7 +155,7 @@ class DDIMScheduler:
             pred_original_sample = np.clip(pred_original_sample, -r, r)
 
         variance = self._variance(timestep, prev_timestep)
-        std_dev_t = _F32(eta) * variance ** (0.5)
+        std_dev_t = F32(eta) * variance ** (0.5)
         pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_epsilon
         prev_sample = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
         if eta > 0:

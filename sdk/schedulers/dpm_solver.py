@@ -6,18 +6,15 @@ diffusers' order; parity tested against diffusers step by step). Self-contained:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from routet2i.schedulers._common import F32, config_from_dict, make_betas, sigma_to_t
 
 logger = logging.getLogger(__name__)
-
-_F32 = np.float32
 
 
 @dataclass
@@ -56,79 +53,7 @@ class DPMSolverMultistepConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> DPMSolverMultistepConfig:
-        names = {f.name for f in dataclasses.fields(cls)} - {"ignored"}
-        known = {k: v for k, v in config.items() if k in names}
-        ignored = {k: v for k, v in config.items() if k not in names and not k.startswith("_")}
-        if ignored:
-            logger.debug("DPMSolverMultistepScheduler ignores config keys %s", sorted(ignored))
-        return cls(**known, ignored=ignored)
-
-
-def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=torch.float32)`` bit for bit: a float32 step, the first
-    half counted up from ``start`` and the second half down from ``end``, each with one rounding."""
-    f_start, f_end = _F32(start), _F32(end)
-    if steps == 1:
-        return np.array([f_start], dtype=_F32)
-    step = np.float64((f_end - f_start) / _F32(steps - 1))
-    idx = np.arange(steps)
-    up = np.float64(f_start) + step * idx
-    down = np.float64(f_end) - step * (steps - 1 - idx)
-    return np.where(idx < steps // 2, up, down).astype(_F32)
-
-
-def _betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    """The cosine ("squaredcos_cap_v2") schedule."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [
-        min(
-            1 - alpha_bar((i + 1) / num_diffusion_timesteps) / alpha_bar(i / num_diffusion_timesteps),
-            max_beta,
-        )
-        for i in range(num_diffusion_timesteps)
-    ]
-    return np.array(betas, dtype=_F32)
-
-
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    alphas_bar_sqrt = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(_F32))
-    first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
-    alphas_bar = alphas_bar_sqrt**2
-    alphas = np.concatenate([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return (1 - alphas).astype(_F32)
-
-
-def _make_betas(cfg: DPMSolverMultistepConfig) -> np.ndarray:
-    n = cfg.num_train_timesteps
-    if cfg.trained_betas is not None:
-        betas = np.asarray(cfg.trained_betas, dtype=_F32)
-    elif cfg.beta_schedule == "linear":
-        betas = _torch_linspace_f32(cfg.beta_start, cfg.beta_end, n)
-    elif cfg.beta_schedule == "scaled_linear":
-        betas = _torch_linspace_f32(cfg.beta_start**0.5, cfg.beta_end**0.5, n) ** 2
-    elif cfg.beta_schedule == "squaredcos_cap_v2":
-        betas = _betas_for_alpha_bar(n)
-    else:
-        raise ValueError(
-            f"beta_schedule={cfg.beta_schedule!r} is not supported; use linear, scaled_linear or squaredcos_cap_v2"
-        )
-    if cfg.rescale_betas_zero_snr:
-        betas = _rescale_zero_terminal_snr(betas)
-    return betas
-
-
-def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
-    w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigma))
+        return config_from_dict(cls, config, "DPMSolverMultistepScheduler")
 
 
 def _alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
@@ -185,10 +110,17 @@ class DPMSolverMultistepScheduler:
             raise ValueError(f"final_sigmas_type={cfg.final_sigmas_type!r} must be 'zero' or 'sigma_min'")
         if cfg.algorithm_type == "dpmsolver" and cfg.final_sigmas_type == "zero":
             raise ValueError("final_sigmas_type='zero' needs algorithm_type dpmsolver++; use 'sigma_min'")
-        self.betas = _make_betas(cfg)
-        self.alphas = (1.0 - self.betas).astype(_F32)
+        self.betas = make_betas(
+            cfg.num_train_timesteps,
+            cfg.beta_schedule,
+            cfg.beta_start,
+            cfg.beta_end,
+            cfg.trained_betas,
+            cfg.rescale_betas_zero_snr,
+        )
+        self.alphas = (1.0 - self.betas).astype(F32)
         # torch.cumprod accumulates float32 in double on CPU: same here, bit for bit.
-        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(_F32)
+        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
         if cfg.rescale_betas_zero_snr:
             self.alphas_cumprod[-1] = 2**-24
         self.alpha_t = np.sqrt(self.alphas_cumprod)
@@ -197,7 +129,7 @@ class DPMSolverMultistepScheduler:
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
-        self.timesteps = np.linspace(0, cfg.num_train_timesteps - 1, cfg.num_train_timesteps, dtype=_F32)[
+        self.timesteps = np.linspace(0, cfg.num_train_timesteps - 1, cfg.num_train_timesteps, dtype=F32)[
             ::-1
         ].copy()
         self.model_outputs: list[np.ndarray | None] = [None] * cfg.solver_order
@@ -239,7 +171,7 @@ class DPMSolverMultistepScheduler:
         log_sigmas = np.log(sigmas)
         if cfg.use_karras_sigmas:
             sigmas = self._convert_to_karras(np.flip(sigmas).copy(), num_inference_steps)
-            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+            ts = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
             if cfg.beta_schedule != "squaredcos_cap_v2":
                 ts = ts.round()
         else:
@@ -248,7 +180,7 @@ class DPMSolverMultistepScheduler:
             sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
         else:
             sigma_last = 0
-        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(_F32)
+        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(F32)
         self.timesteps = ts.astype(np.int64)
         self.num_inference_steps = len(ts)
         self.model_outputs = [None] * cfg.solver_order
@@ -265,8 +197,8 @@ class DPMSolverMultistepScheduler:
 
     def _threshold_sample(self, sample: np.ndarray) -> np.ndarray:
         b, c, *rest = sample.shape
-        flat = sample.reshape(b, c * int(np.prod(rest))).astype(_F32)
-        s = np.quantile(np.abs(flat), self.config.dynamic_thresholding_ratio, axis=1).astype(_F32)
+        flat = sample.reshape(b, c * int(np.prod(rest))).astype(F32)
+        s = np.quantile(np.abs(flat), self.config.dynamic_thresholding_ratio, axis=1).astype(F32)
         s = np.clip(s, 1, self.config.sample_max_value)[:, None]
         return (np.clip(flat, -s, s) / s).reshape(sample.shape).astype(sample.dtype)
 
@@ -403,7 +335,7 @@ class DPMSolverMultistepScheduler:
         for j in range(cfg.solver_order - 1):
             self.model_outputs[j] = self.model_outputs[j + 1]
         self.model_outputs[-1] = converted
-        sample = sample.astype(_F32, copy=False)
+        sample = sample.astype(F32, copy=False)
         with np.errstate(over="ignore", invalid="ignore"):
             if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
                 prev_sample = self._first_order(converted, sample)

@@ -6,18 +6,15 @@ tested against diffusers step by step). Self-contained: numpy only.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from routet2i.schedulers._common import F32, config_from_dict, make_betas
 
 logger = logging.getLogger(__name__)
-
-_F32 = np.float32
 
 
 @dataclass
@@ -38,56 +35,7 @@ class PNDMConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> PNDMConfig:
-        names = {f.name for f in dataclasses.fields(cls)} - {"ignored"}
-        known = {k: v for k, v in config.items() if k in names}
-        ignored = {k: v for k, v in config.items() if k not in names and not k.startswith("_")}
-        if ignored:
-            logger.debug("PNDMScheduler ignores config keys %s", sorted(ignored))
-        return cls(**known, ignored=ignored)
-
-
-def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=torch.float32)`` bit for bit: a float32 step, the first
-    half counted up from ``start`` and the second half down from ``end``, each with one rounding."""
-    f_start, f_end = _F32(start), _F32(end)
-    if steps == 1:
-        return np.array([f_start], dtype=_F32)
-    step = np.float64((f_end - f_start) / _F32(steps - 1))
-    idx = np.arange(steps)
-    up = np.float64(f_start) + step * idx
-    down = np.float64(f_end) - step * (steps - 1 - idx)
-    return np.where(idx < steps // 2, up, down).astype(_F32)
-
-
-def _betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    """The cosine ("squaredcos_cap_v2") schedule."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [
-        min(
-            1 - alpha_bar((i + 1) / num_diffusion_timesteps) / alpha_bar(i / num_diffusion_timesteps),
-            max_beta,
-        )
-        for i in range(num_diffusion_timesteps)
-    ]
-    return np.array(betas, dtype=_F32)
-
-
-def _make_betas(cfg: PNDMConfig) -> np.ndarray:
-    n = cfg.num_train_timesteps
-    if cfg.trained_betas is not None:
-        return np.asarray(cfg.trained_betas, dtype=_F32)
-    if cfg.beta_schedule == "linear":
-        return _torch_linspace_f32(cfg.beta_start, cfg.beta_end, n)
-    if cfg.beta_schedule == "scaled_linear":
-        return _torch_linspace_f32(cfg.beta_start**0.5, cfg.beta_end**0.5, n) ** 2
-    if cfg.beta_schedule == "squaredcos_cap_v2":
-        return _betas_for_alpha_bar(n)
-    raise ValueError(
-        f"beta_schedule={cfg.beta_schedule!r} is not supported; use linear, scaled_linear or squaredcos_cap_v2"
-    )
+        return config_from_dict(cls, config, "PNDMScheduler")
 
 
 class PNDMScheduler:
@@ -108,11 +56,13 @@ class PNDMScheduler:
             raise ValueError(
                 f"timestep_spacing={cfg.timestep_spacing!r} is not supported; use leading, trailing or linspace"
             )
-        self.betas = _make_betas(cfg)
-        self.alphas = (1.0 - self.betas).astype(_F32)
+        self.betas = make_betas(
+            cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.trained_betas
+        )
+        self.alphas = (1.0 - self.betas).astype(F32)
         # torch.cumprod accumulates float32 in double on CPU: same here, bit for bit.
-        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(_F32)
-        self.final_alpha_cumprod = _F32(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
+        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
+        self.final_alpha_cumprod = F32(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = np.arange(0, cfg.num_train_timesteps)[::-1].copy().astype(np.int64)
