@@ -29,39 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from _sd21 import SD21_BASE_UNET
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ROUTET2I_BENCH_CACHE", Path.home() / ".cache" / "routet2i" / "bench"))
 PROMPT = "a red fox in the snow, highly detailed photograph"
 
-# stabilityai/stable-diffusion-2-1-base unet/config.json (architecture fields).
-SD21_BASE_UNET = {
-    "act_fn": "silu",
-    "attention_head_dim": [5, 10, 20, 20],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 1024,
-    "down_block_types": [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "use_linear_projection": True,
-}
 # stabilityai/stable-diffusion-2-1-base ships PNDM with this schedule; DDIM (ported) with the same betas.
 SD21_BASE_SCHEDULER = {
     "beta_start": 0.00085,
