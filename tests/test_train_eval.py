@@ -299,6 +299,47 @@ def test_train_and_eval_unknown_names_exit_2(setup, capsys, swap: tuple[str, str
         assert needle in err and len(err.splitlines()) == 1, err
 
 
+def test_train_and_eval_bad_output_paths_exit_2_before_work(setup, capsys) -> None:
+    blocker = setup["root"] / "blocker"
+    blocker.write_text("a file, not a folder")
+    cases = [
+        (["train", *_pair_args(setup), "--out", str(blocker / "r")], "is a file, not a folder"),
+        (["train", *_pair_args(setup), "--out", str(blocker)], "exists and is not a folder"),
+        (["eval", *_pair_args(setup), "--json", str(blocker / "r.json")], "is a file, not a folder"),
+        (
+            ["eval", *_pair_args(setup), "--json", str(setup["root"] / "ok.json"), "--plot", "p.txt"],
+            "must end in",
+        ),
+    ]
+    for cmd, needle in cases:
+        assert main(cmd) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert not (setup["root"] / "ok.json").exists()
+
+
+def test_train_unloadable_backbone_exits_2(setup, capsys) -> None:
+    out = setup["root"] / "bad-backbone"
+    cmd = [
+        "train",
+        *_pair_args(setup),
+        "--out",
+        str(out),
+        "--backbone",
+        str(setup["root"] / "no-such-encoder"),
+    ]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--backbone" in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_trained_router_dir_has_normal_permissions(setup) -> None:
+    out = setup["root"] / "r-perms"
+    assert _train(setup, out, "routet2i") == 0
+    assert out.stat().st_mode & 0o755 == 0o755
+
+
 def test_train_rule_method_exits_2(setup, capsys) -> None:
     assert main(["train", *_pair_args(setup), "--out", str(setup["root"] / "bad"), "--method", "oracle"]) == 2
     assert "not a trainable router" in capsys.readouterr().err

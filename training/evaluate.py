@@ -444,9 +444,14 @@ def _parse_sets(items: list[str], cfg):
     return replace(cfg, **train_over), model_over
 
 
+# Image formats matplotlib writes without extra packages (--plot).
+PLOT_FORMATS = {".png", ".pdf", ".svg", ".jpg", ".jpeg"}
+
+
 def check_eval_args(args: argparse.Namespace, n_texts: int | None = None) -> list[str]:
     """Validate rates/targets/folds/seeds/methods; returns the method list."""
     from routet2i._errors import UsageError
+    from routet2i.paths import check_output_path
     from routet2i.training.methods import METHODS
 
     for r in _parse_floats(args.rates, "--rates"):
@@ -456,6 +461,13 @@ def check_eval_args(args: argparse.Namespace, n_texts: int | None = None) -> lis
         if not (0.0 < t <= 100.0):
             raise UsageError(
                 f"--targets: {t:g} is outside (0, 100]; give Delta P percentages such as 40,50,60"
+            )
+    check_output_path(args.json, "--json")
+    if args.plot:
+        check_output_path(args.plot, "--plot")
+        if Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+            raise UsageError(
+                f"--plot {args.plot!r}: the file name must end in one of {', '.join(sorted(PLOT_FORMATS))}"
             )
     if args.folds < 2:
         raise UsageError(f"--folds must be >= 2, got {args.folds}")

@@ -257,8 +257,17 @@ def load_backbone(name_or_dir: str) -> tuple[nn.Module, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_backbone(name_or_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = AutoModel.from_pretrained(path).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path).eval()
+    except (OSError, ValueError) as exc:  # not a folder, no reachable hub id, not an encoder
+        from routet2i._errors import UsageError
+
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"--backbone {name_or_dir!r} could not be loaded as a Hugging Face encoder ({reason}); give a "
+            "local folder or a reachable hub id, or leave it out for the packaged all-MiniLM-L6-v2"
+        ) from None
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder, tokenizer
@@ -293,6 +302,8 @@ def save_router(
     import shutil
     import tempfile
 
+    from routet2i.bundle import publish_folder
+
     out = Path(router_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -317,9 +328,7 @@ def save_router(
         }
         ckpt.update(extra or {})
         torch.save(ckpt, tmp / ROUTER_FILE)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

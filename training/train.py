@@ -315,6 +315,7 @@ def parse_list(text: str | None, name: str, kind=str) -> list | None:
 
 def check_train_args(args: argparse.Namespace) -> None:
     from routet2i._errors import UsageError
+    from routet2i.paths import check_output_path
 
     if args.method not in TRAINABLE:
         raise UsageError(
@@ -327,6 +328,7 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if not (args.gamma > 0):
         raise UsageError(f"--gamma must be > 0, got {args.gamma}")
+    check_output_path(args.out, "--out", folder=True)
 
 
 def load_pair(args: argparse.Namespace):
