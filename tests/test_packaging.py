@@ -172,3 +172,16 @@ def test_unknown_subcommand_or_option_is_one_line_exit_2(argv: list[str], needle
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_cli_parsers_import_nothing_heavy() -> None:
+    """`routet2i --help` builds every subparser: the subcommand modules keep torch & co. inside functions."""
+    code = (
+        "import sys; from routet2i.training.cli import build_parser; build_parser();"
+        "from routet2i.cloud_server.cli import build_parser as b2; b2();"
+        "from routet2i.cli import build_parser as b3; b3();"
+        "heavy = ('torch', 'diffusers', 'transformers', 'optimum', 'pandas');"
+        "print(','.join(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"building the CLI parsers imported {out.stdout.strip()}"
