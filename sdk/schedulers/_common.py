@@ -94,6 +94,22 @@ def make_betas(
     return betas
 
 
+def noise_schedule(config: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(betas, alphas, alphas_cumprod) of a scheduler config dataclass, float32 as diffusers computes them."""
+    betas = make_betas(
+        config.num_train_timesteps,
+        config.beta_schedule,
+        config.beta_start,
+        config.beta_end,
+        config.trained_betas,
+        getattr(config, "rescale_betas_zero_snr", False),
+    )
+    alphas = (1.0 - betas).astype(F32)
+    # torch.cumprod accumulates float32 in double on CPU: same here, bit for bit.
+    alphas_cumprod = np.cumprod(alphas.astype(np.float64)).astype(F32)
+    return betas, alphas, alphas_cumprod
+
+
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from routet2i.schedulers._common import F32, config_from_dict, make_betas
+from routet2i.schedulers._common import F32, config_from_dict, noise_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +60,7 @@ class DDIMScheduler:
                 f"timestep_spacing={self.config.timestep_spacing!r} is not supported; "
                 "use leading, trailing or linspace"
             )
-        self.betas = make_betas(
-            self.config.num_train_timesteps,
-            self.config.beta_schedule,
-            self.config.beta_start,
-            self.config.beta_end,
-            self.config.trained_betas,
-            self.config.rescale_betas_zero_snr,
-        )
-        self.alphas = (1.0 - self.betas).astype(F32)
-        # torch.cumprod accumulates float32 in double on CPU: same here, bit for bit.
-        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
+        self.betas, self.alphas, self.alphas_cumprod = noise_schedule(self.config)
         self.final_alpha_cumprod = F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from routet2i.schedulers._common import F32, config_from_dict, make_betas, sigma_to_t, torch_linspace_f32
+from routet2i.schedulers._common import F32, config_from_dict, noise_schedule, sigma_to_t, torch_linspace_f32
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +71,7 @@ class EulerDiscreteScheduler:
             )
         if cfg.final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type={cfg.final_sigmas_type!r} must be 'zero' or 'sigma_min'")
-        self.betas = make_betas(
-            cfg.num_train_timesteps,
-            cfg.beta_schedule,
-            cfg.beta_start,
-            cfg.beta_end,
-            cfg.trained_betas,
-            cfg.rescale_betas_zero_snr,
-        )
-        self.alphas = (1.0 - self.betas).astype(F32)
-        # torch.cumprod accumulates float32 in double on CPU: same here, bit for bit.
-        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
+        self.betas, self.alphas, self.alphas_cumprod = noise_schedule(cfg)
         if cfg.rescale_betas_zero_snr:
             self.alphas_cumprod[-1] = 2**-24
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)[::-1].copy()

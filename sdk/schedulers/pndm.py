@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from routet2i.schedulers._common import F32, config_from_dict, make_betas
+from routet2i.schedulers._common import F32, config_from_dict, noise_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,7 @@ class PNDMScheduler:
             raise ValueError(
                 f"timestep_spacing={cfg.timestep_spacing!r} is not supported; use leading, trailing or linspace"
             )
-        self.betas = make_betas(
-            cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.trained_betas
-        )
-        self.alphas = (1.0 - self.betas).astype(F32)
-        # torch.cumprod accumulates float32 in double on CPU: same here, bit for bit.
-        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
+        self.betas, self.alphas, self.alphas_cumprod = noise_schedule(cfg)
         self.final_alpha_cumprod = F32(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
