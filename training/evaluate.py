@@ -20,11 +20,13 @@ Ties in a method's score (noun counts) are broken by a random order fixed per se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,19 @@ def _bootstrap(decisions: np.ndarray, gap: np.ndarray, n_boot: int, seed: int) -
     return float(np.percentile(dp, 2.5)), float(np.percentile(dp, 97.5))
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch intra-op threads (restored afterwards)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def evaluate_pair(
     pair,
     weights: np.ndarray,
@@ -133,180 +148,135 @@ def evaluate_pair(
     ``threads``: torch intra-op threads while training. The routers are tiny (batches of 32 prompts), so
     more threads mostly add synchronization; on a shared CPU two threads made a fit several times slower.
     """
-    import torch
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        return _evaluate(
-            pair,
-            weights,
-            methods,
-            folds,
-            seeds,
-            rates,
-            targets,
-            backbone,
-            max_length,
-            train_cfg,
-            overrides,
-            n_boot,
-            cache_dir,
-            progress,
-            first_seed,
-            t_start,
-            tqdm,
-        )
-    finally:
-        torch.set_num_threads(old_threads)
+    with torch_threads(threads):
+        from routet2i.training.baselines import RULE_METHODS, combined_quality, rule_scores
+        from routet2i.training.train import TrainConfig, predict, train_on
 
+        cfg = train_cfg or TrainConfig()
+        n = len(pair)
+        q_e, q_c, sd = combined_quality(pair.q_edge, pair.q_cloud, weights)
+        gap = q_c - q_e
+        metric_gaps = (pair.q_cloud - pair.q_edge) / sd[None, :]
+        gaps = np.column_stack([gap, metric_gaps])  # column 0: combined, then one per metric
+        if gap.sum() <= 1e-9 * max(1.0, float(np.abs(gap).sum())):
+            logger.warning(
+                "%s: the cloud model is not better than the edge model in total (sum of Q_c - Q_e = %.3g); "
+                "Delta P divides by that sum and is meaningless here",
+                pair.dataset,
+                gap.sum(),
+            )
+        trained = [m for m in methods if m not in RULE_METHODS]
+        feats = token_states_for(pair, backbone, max_length, cache_dir) if trained else None
+        nouns = None
+        if "noun_count" in methods:
+            from routet2i.training.nouns import count_nouns
 
-def _evaluate(
-    pair,
-    weights,
-    methods,
-    folds,
-    seeds,
-    rates,
-    targets,
-    backbone,
-    max_length,
-    train_cfg,
-    overrides,
-    n_boot,
-    cache_dir,
-    progress,
-    first_seed,
-    t_start,
-    tqdm,
-) -> dict[str, Any]:
-    from routet2i.training.baselines import RULE_METHODS, combined_quality, rule_scores
-    from routet2i.training.train import TrainConfig, predict, train_on
+            nouns = np.asarray(count_nouns(pair.prompts), dtype=np.float64)
 
-    cfg = train_cfg or TrainConfig()
-    n = len(pair)
-    q_e, q_c, sd = combined_quality(pair.q_edge, pair.q_cloud, weights)
-    gap = q_c - q_e
-    metric_gaps = (pair.q_cloud - pair.q_edge) / sd[None, :]
-    gaps = np.column_stack([gap, metric_gaps])  # column 0: combined, then one per metric
-    if gap.sum() <= 1e-9 * max(1.0, float(np.abs(gap).sum())):
-        logger.warning(
-            "%s: the cloud model is not better than the edge model in total (sum of Q_c - Q_e = %.3g); "
-            "Delta P divides by that sum and is meaningless here",
-            pair.dataset,
-            gap.sum(),
-        )
-    trained = [m for m in methods if m not in RULE_METHODS]
-    feats = token_states_for(pair, backbone, max_length, cache_dir) if trained else None
-    nouns = None
-    if "noun_count" in methods:
-        from routet2i.training.nouns import count_nouns
+        scores = {m: np.zeros((seeds, n)) for m in methods}
+        fold_ids = np.zeros((seeds, n), dtype=np.int64)
+        seconds = {m: 0.0 for m in methods}
+        best_epochs: dict[str, list[int]] = {m: [] for m in methods}
+        jobs = [(s, m) for s in range(seeds) for m in methods]
+        bar = tqdm(total=len(jobs) * 1, desc=f"eval {pair.dataset}", unit="method-seed", disable=not progress)
+        for s, m in jobs:
+            sv = first_seed + s  # the seed value: split, initialization, random routing, tie order
+            fold_ids[s] = folds_by_text(pair.prompts, folds, seed=sv)
+            t0 = time.perf_counter()
+            if m in RULE_METHODS:
+                scores[m][s] = rule_scores(m, np.random.default_rng(1000 + sv), n, gap=gap, nouns=nouns)
+            else:
+                for f in range(folds):
+                    test = np.flatnonzero(fold_ids[s] == f)
+                    train = np.flatnonzero(fold_ids[s] != f)
+                    module, _, info = train_on(
+                        m, pair, feats, train, weights, sd, cfg, seed=sv * 100 + f, overrides=overrides
+                    )
+                    scores[m][s, test] = predict(module, feats, test)
+                    best_epochs[m].append(info["best_epoch"])
+            seconds[m] += time.perf_counter() - t0
+            bar.set_postfix(method=m, seed=s)
+            bar.update(1)
+        bar.close()
 
-        nouns = np.asarray(count_nouns(pair.prompts), dtype=np.float64)
-
-    scores = {m: np.zeros((seeds, n)) for m in methods}
-    fold_ids = np.zeros((seeds, n), dtype=np.int64)
-    seconds = {m: 0.0 for m in methods}
-    best_epochs: dict[str, list[int]] = {m: [] for m in methods}
-    jobs = [(s, m) for s in range(seeds) for m in methods]
-    bar = tqdm(total=len(jobs) * 1, desc=f"eval {pair.dataset}", unit="method-seed", disable=not progress)
-    for s, m in jobs:
-        sv = first_seed + s  # the seed value: split, initialization, random routing, tie order
-        fold_ids[s] = folds_by_text(pair.prompts, folds, seed=sv)
-        t0 = time.perf_counter()
-        if m in RULE_METHODS:
-            scores[m][s] = rule_scores(m, np.random.default_rng(1000 + sv), n, gap=gap, nouns=nouns)
-        else:
-            for f in range(folds):
-                test = np.flatnonzero(fold_ids[s] == f)
-                train = np.flatnonzero(fold_ids[s] != f)
-                module, _, info = train_on(
-                    m, pair, feats, train, weights, sd, cfg, seed=sv * 100 + f, overrides=overrides
-                )
-                scores[m][s, test] = predict(module, feats, test)
-                best_epochs[m].append(info["best_epoch"])
-        seconds[m] += time.perf_counter() - t0
-        bar.set_postfix(method=m, seed=s)
-        bar.update(1)
-    bar.close()
-
-    tiebreaks = [np.random.default_rng(2000 + first_seed + s).permutation(n) for s in range(seeds)]
-    report: dict[str, Any] = {
-        "dataset": pair.dataset,
-        "edge_model": pair.edge_model,
-        "cloud_model": pair.cloud_model,
-        "metrics": list(pair.metrics),
-        "n_prompts": int(n),
-        "folds": int(folds),
-        "seeds": int(seeds),
-        "first_seed": int(first_seed),
-        "weights": [float(w) for w in weights],
-        "rates": [float(r) for r in rates],
-        "targets": [float(t) for t in targets],
-        "backbone": backbone or "all-MiniLM-L6-v2 (packaged)",
-        "train_config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
-        "model_overrides": dict(overrides or {}),
-        "edge_only_quality": float(q_e.mean()),
-        "cloud_only_quality": float(q_c.mean()),
-        "cloud_win_rate": float(np.mean(gap > 0)),
-        "tie_rate": float(np.mean(gap == 0)),
-        "total_gap": float(gap.sum()),
-        "bootstrap_samples": int(n_boot),
-        "methods": {},
-    }
-    for m in methods:
-        curves = np.stack(
-            [delta_p_curve(scores[m][s], fold_ids[s], gaps, tiebreaks[s]) for s in range(seeds)]
-        )
-        combined = curves[:, :, 0]  # [S, grid]
-        entry: dict[str, Any] = {
-            "delta_p": {},
-            "delta_p_std": {},
-            "delta_p_ci95": {},
-            "delta_p_per_metric": {},
+        tiebreaks = [np.random.default_rng(2000 + first_seed + s).permutation(n) for s in range(seeds)]
+        report: dict[str, Any] = {
+            "dataset": pair.dataset,
+            "edge_model": pair.edge_model,
+            "cloud_model": pair.cloud_model,
+            "metrics": list(pair.metrics),
+            "n_prompts": int(n),
+            "folds": int(folds),
+            "seeds": int(seeds),
+            "first_seed": int(first_seed),
+            "weights": [float(w) for w in weights],
+            "rates": [float(r) for r in rates],
+            "targets": [float(t) for t in targets],
+            "backbone": backbone or "all-MiniLM-L6-v2 (packaged)",
+            "train_config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
+            "model_overrides": dict(overrides or {}),
+            "edge_only_quality": float(q_e.mean()),
+            "cloud_only_quality": float(q_c.mean()),
+            "cloud_win_rate": float(np.mean(gap > 0)),
+            "tie_rate": float(np.mean(gap == 0)),
+            "total_gap": float(gap.sum()),
+            "bootstrap_samples": int(n_boot),
+            "methods": {},
         }
-        for r in rates:
-            key = f"{r:g}"
-            at = int(np.argmin(np.abs(GRID - r)))
-            if abs(GRID[at] - r) < 1e-9:
-                vals = combined[:, at]
-                per_metric = curves[:, at, 1:].mean(axis=0)
-            else:  # a rate off the 0.01 grid: compute it directly
-                c = np.stack(
-                    [
-                        delta_p_curve(scores[m][s], fold_ids[s], gaps, tiebreaks[s], np.array([r]))[0]
-                        for s in range(seeds)
-                    ]
-                )
-                vals, per_metric = c[:, 0], c[:, 1:].mean(axis=0)
-            decisions = np.stack(
-                [cloud_mask(scores[m][s], fold_ids[s], r, tiebreaks[s]) for s in range(seeds)]
+        for m in methods:
+            curves = np.stack(
+                [delta_p_curve(scores[m][s], fold_ids[s], gaps, tiebreaks[s]) for s in range(seeds)]
             )
-            entry["delta_p"][key] = float(vals.mean())
-            entry["delta_p_std"][key] = float(vals.std(ddof=1)) if seeds > 1 else 0.0
-            entry["delta_p_ci95"][key] = list(
-                _bootstrap(decisions.astype(np.float64), gap, n_boot, seed=3000)
-            )
-            entry["delta_p_per_metric"][key] = {
-                name: float(v) for name, v in zip(pair.metrics, per_metric, strict=True)
+            combined = curves[:, :, 0]  # [S, grid]
+            entry: dict[str, Any] = {
+                "delta_p": {},
+                "delta_p_std": {},
+                "delta_p_ci95": {},
+                "delta_p_per_metric": {},
             }
-        savings = {f"{t:g}": [_saving(combined[s], t) for s in range(seeds)] for t in targets}
-        entry["cloud_saving"] = {k: float(np.mean(v)) for k, v in savings.items()}
-        entry["cloud_saving_std"] = {
-            k: float(np.std(v, ddof=1)) if seeds > 1 else 0.0 for k, v in savings.items()
-        }
-        entry["curve"] = {
-            "rates": [float(x) for x in GRID],
-            "delta_p": [float(x) for x in combined.mean(axis=0)],
-        }
-        entry["seconds"] = round(seconds[m], 2)
-        if best_epochs[m]:
-            entry["mean_best_epoch"] = float(np.mean(best_epochs[m]))
-        report["methods"][m] = entry
-    report["seconds"] = round(time.perf_counter() - t_start, 2)
-    return report
+            for r in rates:
+                key = f"{r:g}"
+                at = int(np.argmin(np.abs(GRID - r)))
+                if abs(GRID[at] - r) < 1e-9:
+                    vals = combined[:, at]
+                    per_metric = curves[:, at, 1:].mean(axis=0)
+                else:  # a rate off the 0.01 grid: compute it directly
+                    c = np.stack(
+                        [
+                            delta_p_curve(scores[m][s], fold_ids[s], gaps, tiebreaks[s], np.array([r]))[0]
+                            for s in range(seeds)
+                        ]
+                    )
+                    vals, per_metric = c[:, 0], c[:, 1:].mean(axis=0)
+                decisions = np.stack(
+                    [cloud_mask(scores[m][s], fold_ids[s], r, tiebreaks[s]) for s in range(seeds)]
+                )
+                entry["delta_p"][key] = float(vals.mean())
+                entry["delta_p_std"][key] = float(vals.std(ddof=1)) if seeds > 1 else 0.0
+                entry["delta_p_ci95"][key] = list(
+                    _bootstrap(decisions.astype(np.float64), gap, n_boot, seed=3000)
+                )
+                entry["delta_p_per_metric"][key] = {
+                    name: float(v) for name, v in zip(pair.metrics, per_metric, strict=True)
+                }
+            savings = {f"{t:g}": [_saving(combined[s], t) for s in range(seeds)] for t in targets}
+            entry["cloud_saving"] = {k: float(np.mean(v)) for k, v in savings.items()}
+            entry["cloud_saving_std"] = {
+                k: float(np.std(v, ddof=1)) if seeds > 1 else 0.0 for k, v in savings.items()
+            }
+            entry["curve"] = {
+                "rates": [float(x) for x in GRID],
+                "delta_p": [float(x) for x in combined.mean(axis=0)],
+            }
+            entry["seconds"] = round(seconds[m], 2)
+            if best_epochs[m]:
+                entry["mean_best_epoch"] = float(np.mean(best_epochs[m]))
+            report["methods"][m] = entry
+        report["seconds"] = round(time.perf_counter() - t_start, 2)
+        return report
 
 
 def token_states_for(pair, backbone: str, max_length: int, cache_dir: str | None):
