@@ -215,6 +215,32 @@ class QuotaStore(ABC):
     def close(self) -> None:
         """Close every connection this store opened."""
 
+    # -- connections in use: close() never pulls a connection from under a worker thread -----------------
+    def _init_use_tracking(self) -> None:
+        self._idle = threading.Condition()
+        self._users = 0
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        with self._idle:
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._users -= 1
+                self._idle.notify_all()
+
+    @contextmanager
+    def _closing(self, timeout_s: float = 30.0) -> Iterator[None]:
+        """Hold off new statements and wait (up to `timeout_s`) for running ones before closing: a release
+        still running on a worker thread at shutdown would otherwise use a closed connection (SQLite: a
+        crash, not an exception)."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._users == 0, timeout_s):
+                logger.warning("closing the quota store with %d statement(s) still running", self._users)
+            yield
+
     def __enter__(self) -> QuotaStore:
         return self
 
@@ -375,6 +401,7 @@ class SqliteStore(QuotaStore):
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._init_use_tracking()
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"the folder of the SQLite store {self.path} does not exist")
         try:
@@ -401,24 +428,26 @@ class SqliteStore(QuotaStore):
 
     @contextmanager
     def _write(self, device_id: str | None = None) -> Iterator[_SqliteCursor]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield _SqliteCursor(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._in_use():
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteCursor(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
-        return self._conn().execute(sql, params).fetchall()
+        with self._in_use():
+            return self._conn().execute(sql, params).fetchall()
 
     def close(self) -> None:
-        with self._lock:
+        with self._closing(self._busy_timeout_s), self._lock:
             for conn in self._conns:
                 conn.close()
             self._conns.clear()
-        self._local = threading.local()
+            self._local = threading.local()
 
 
 class _PgCursor:
@@ -455,6 +484,7 @@ class PostgresStore(QuotaStore):
         self._local = threading.local()
         self._conns: list[Any] = []
         self._lock = threading.Lock()
+        self._init_use_tracking()
         with self._write() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(7302114)")  # one schema creator at a time
             for stmt in _SCHEMA:
@@ -475,22 +505,24 @@ class PostgresStore(QuotaStore):
 
     @contextmanager
     def _write(self, device_id: str | None = None) -> Iterator[_PgCursor]:
-        conn = self._conn()
-        with conn.transaction():
-            cur = _PgCursor(conn)
-            if device_id is not None:
-                cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (device_id,))
-            yield cur
+        with self._in_use():
+            conn = self._conn()
+            with conn.transaction():
+                cur = _PgCursor(conn)
+                if device_id is not None:
+                    cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (device_id,))
+                yield cur
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
-        return self._conn().execute(sql.replace("?", "%s"), params).fetchall()
+        with self._in_use():
+            return self._conn().execute(sql.replace("?", "%s"), params).fetchall()
 
     def close(self) -> None:
-        with self._lock:
+        with self._closing(), self._lock:
             for conn in self._conns:
                 conn.close()
             self._conns.clear()
-        self._local = threading.local()
+            self._local = threading.local()
 
 
 def open_store(url: str) -> QuotaStore:

@@ -168,3 +168,28 @@ def test_sqlite_store_uses_wal(sqlite_url):
         pass
     path = sqlite_url[len("sqlite:///") :]
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_close_waits_for_a_statement_running_on_another_thread(store_url):
+    """Shutdown closes the store while a worker thread may still release a reservation: close() must wait
+    for it instead of closing the connection under it (with SQLite that crashed the server now and then)."""
+    store = open_store(store_url)
+    token_ready, errors, finished = threading.Event(), [], []
+
+    def worker() -> None:
+        try:
+            with store._write() as cur:
+                token_ready.set()
+                time.sleep(0.3)  # close() is called meanwhile
+                cur.execute("SELECT 1")
+                finished.append(time.monotonic())
+        except Exception as exc:  # what the old close() caused: a closed connection mid-transaction
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert token_ready.wait(5)
+    store.close()
+    closed_at = time.monotonic()
+    thread.join(5)
+    assert errors == [] and finished and finished[0] <= closed_at
