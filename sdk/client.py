@@ -394,27 +394,15 @@ class EdgeClient:
                     self.state.set_quota(quota)
 
         if image is None:  # the edge: decided, or a fallback
-            if self.edge is None:
-                self._log(
-                    request_id,
-                    prompt,
-                    route,
-                    reason,
-                    decision,
-                    timings,
-                    quota,
-                    seed,
-                    cloud_error,
-                    failed=True,
-                )
-                if cloud_error is not None:
-                    raise ConnectionError(f"no edge bundle configured to fall back on: {cloud_error}")
-                raise UsageError("no edge bundle configured: pass edge=... (or force='cloud')")
             try:
+                if self.edge is None:
+                    if cloud_error is not None:
+                        raise ConnectionError(f"no edge bundle configured to fall back on: {cloud_error}")
+                    raise UsageError("no edge bundle configured: pass edge=... (or force='cloud')")
                 image, t_queue, t_gen = self._edge_generate(
                     request_id, prompt, negative, steps, guidance, width, height, seed, progress
                 )
-            except BaseException:
+            except BaseException:  # logged as a failed decision, then raised
                 self._log(
                     request_id,
                     prompt,
