@@ -7,7 +7,6 @@ import asyncio
 import io
 import logging
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -385,28 +384,6 @@ def test_oversized_message_is_refused_and_server_stays_up(serve):
         stub.Generate(request("x" * (2 << 20)), metadata=auth(token), timeout=5)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert stub.Generate(request(), metadata=auth(token), timeout=5).quota.used == 1
-
-
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    import shutil
-
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
-    d = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)  # fmt: skip
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=d)  # fmt: skip
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)  # fmt: skip
-    return d
 
 
 def test_tls_and_mutual_tls(serve, certs):
