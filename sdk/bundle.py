@@ -86,6 +86,18 @@ def write_manifest(bundle_dir: str | Path, kind: str, extra: dict[str, Any] | No
     return manifest
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in a bundle file; `BundleError` (a ValueError) naming the file otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     root = Path(bundle_dir)
     if not root.is_dir():
@@ -95,11 +107,8 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
         raise BundleFileMissing(
             f"{path} is missing: not a routet2i bundle (export one with `routet2i export`)"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+    manifest = read_json_object(path)
+    if not isinstance(manifest.get("files"), dict):
         raise BundleError(f"{path} has no 'files' table")
     return manifest
 

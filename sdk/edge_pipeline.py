@@ -12,7 +12,6 @@ numpy (``np.random.default_rng(seed)``): deterministic here, but not torch's ran
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from routet2i._errors import BundleError, BundleFileMissing, UsageError
-from routet2i.bundle import verify_manifest
+from routet2i.bundle import read_json_object, verify_manifest
 from routet2i.ort import (
     OrtModel,
     ProviderSpec,
@@ -54,16 +53,6 @@ ProgressCallback = Callable[[int, int, Any, np.ndarray], None]
 # --------------------------------------------------------------------------------------------- tokenizer
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: expected a JSON object")
-    return data
-
-
 def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
@@ -83,7 +72,7 @@ def load_clip_tokenizer(folder: str | Path) -> tuple[Any, dict[str, Any]]:
     cfg: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (folder / name).is_file():
-            cfg.update(_read_json(folder / name))
+            cfg.update(read_json_object(folder / name))
     bos = _token_str(cfg.get("bos_token")) or "<|startoftext|>"
     eos = _token_str(cfg.get("eos_token")) or "<|endoftext|>"
     pad = _token_str(cfg.get("pad_token")) or eos
@@ -100,7 +89,7 @@ def load_clip_tokenizer(folder: str | Path) -> tuple[Any, dict[str, Any]]:
                 raise BundleFileMissing(
                     f"{p}: tokenizer file missing (need tokenizer.json or vocab.json+merges.txt)"
                 )
-        vocab = _read_json(vocab_path)
+        vocab = read_json_object(vocab_path)
         merges = []
         for line in merges_path.read_text(encoding="utf-8").splitlines():
             if line.startswith("#version") or not line.strip():
@@ -248,15 +237,17 @@ class EdgePipeline:
         for rel in REQUIRED_FILES:
             if not (root / rel).is_file():
                 raise BundleFileMissing(f"{root / rel}: required by an edge bundle but missing")
-        self.model_index = _read_json(root / "model_index.json")
+        self.model_index = read_json_object(root / "model_index.json")
         self.scheduler_config = load_scheduler_config(root / "scheduler" / "scheduler_config.json")
         self.scheduler_spec = scheduler
         self.scheduler = self._make_scheduler(scheduler)  # validates the name now, not at first call
         unet_cfg = (
-            _read_json(root / "unet" / "config.json") if (root / "unet" / "config.json").is_file() else {}
+            read_json_object(root / "unet" / "config.json")
+            if (root / "unet" / "config.json").is_file()
+            else {}
         )
         vae_cfg = (
-            _read_json(root / "vae_decoder" / "config.json")
+            read_json_object(root / "vae_decoder" / "config.json")
             if (root / "vae_decoder" / "config.json").is_file()
             else {}
         )

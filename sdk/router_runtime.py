@@ -9,7 +9,6 @@ No torch, no transformers.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from routet2i._errors import BundleError, BundleFileMissing, UsageError
-from routet2i.bundle import verify_manifest
+from routet2i.bundle import read_json_object, verify_manifest
 from routet2i.ort import OrtModel, ProviderSpec, SessionConfig
 
 logger = logging.getLogger(__name__)
@@ -28,13 +27,6 @@ __all__ = ["RouterSession", "REQUIRED_ROUTING_KEYS"]
 REQUIRED_FILES = ("router.onnx", "routing.json", "tokenizer/tokenizer.json")
 # routing.json keys the device relies on (CONTRACTS.md section 3; the export writes more).
 REQUIRED_ROUTING_KEYS = ("metrics", "max_length", "calibration")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from None
 
 
 class RouterSession:
@@ -59,9 +51,7 @@ class RouterSession:
         for rel in REQUIRED_FILES:
             if not (root / rel).is_file():
                 raise BundleFileMissing(f"{root / rel}: required by a router bundle but missing")
-        routing = _read_json(root / "routing.json")
-        if not isinstance(routing, dict):
-            raise BundleError(f"{root / 'routing.json'}: expected a JSON object")
+        routing = read_json_object(root / "routing.json")
         missing = [k for k in REQUIRED_ROUTING_KEYS if k not in routing]
         if missing:
             raise BundleError(f"{root / 'routing.json'}: missing keys {missing}")
@@ -113,7 +103,7 @@ class RouterSession:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             path = folder / name
             if path.is_file():
-                pad = _read_json(path).get("pad_token")
+                pad = read_json_object(path).get("pad_token")
                 pad = pad.get("content") if isinstance(pad, dict) else pad
                 if isinstance(pad, str) and self.tokenizer.token_to_id(pad) is not None:
                     return int(self.tokenizer.token_to_id(pad))

@@ -9,12 +9,12 @@ picks the class from the config's ``_class_name`` (or a name the caller gives, a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
+from routet2i.bundle import read_json_object
 from routet2i.schedulers.ddim import DDIMConfig, DDIMScheduler
 from routet2i.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMultistepScheduler
 from routet2i.schedulers.euler import EulerDiscreteConfig, EulerDiscreteScheduler
@@ -66,13 +66,7 @@ def load_scheduler_config(path: str | Path) -> dict[str, Any]:
         p = p / "scheduler_config.json"
     if not p.is_file():
         raise FileNotFoundError(f"{p}: scheduler config not found")
-    try:
-        config = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{p} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{p}: expected a JSON object")
-    return config
+    return read_json_object(p)
 
 
 def _resolve(name: str) -> type:
