@@ -28,7 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ROUTET2I_BENCH_CACHE", Path.home() / ".cache" / "routet2i" / "bench"))
 
-DEVICE_CHILD = r"""
+# Peak RSS of a child process (VmHWM; ru_maxrss would survive execve from the parent).
+CHILD_PRELUDE = r"""
 import json, resource, sys, time
 
 def hwm_mb():
@@ -36,6 +37,11 @@ def hwm_mb():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+DEVICE_CHILD = (
+    CHILD_PRELUDE
+    + r"""
 t0 = time.perf_counter()
 from routet2i.edge_pipeline import EdgePipeline
 from routet2i.router_runtime import RouterSession
@@ -52,15 +58,11 @@ heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers"
 print(json.dumps({"import": t1 - t0, "ready": t2 - t1, "router_ready": tr - t1, "edge_ready": t2 - tr,
                   "first": t3 - t2, "rss_mb": hwm_mb(), "heavy": heavy}))
 """
+)
 
-TORCH_CHILD = r"""
-import json, resource, sys, time
-
-def hwm_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+TORCH_CHILD = (
+    CHILD_PRELUDE
+    + r"""
 t0 = time.perf_counter()
 import torch
 from diffusers import StableDiffusionPipeline
@@ -74,6 +76,7 @@ with torch.inference_mode():
 t3 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "ready": t2 - t1, "first": t3 - t2, "rss_mb": hwm_mb()}))
 """
+)
 
 
 def _child(code: str, *args: str) -> dict:
