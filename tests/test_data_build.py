@@ -64,6 +64,7 @@ def test_end_to_end_table_and_labels(clean_table: Path, tmp_path: Path) -> None:
     imgs = sorted((clean_table.parent / "img").rglob("*.png"))
     assert len(imgs) == 2 * len(PROMPTS)
     assert not clean_table.with_name("t.csv.parts").exists()
+    assert not clean_table.with_name("t.csv.lock").exists()  # no lock file left behind
     out = tmp_path / "labels.csv"
     argv = ["labels", "--table", str(clean_table), "--dataset", "toy_prompts", "--edge-model", "edge-sd21"]
     assert main([*argv, "--cloud-model", "cloud-sd3", "--out", str(out)]) == 0
@@ -82,6 +83,41 @@ def test_rerun_without_resume_is_refused_and_resume_is_a_noop(
     assert main(_argv(tiny_models, prompt_file, clean_table, "--resume")) == 0
     assert "0 prompts generated" in capsys.readouterr().out
     assert clean_table.read_bytes() == before
+    assert not clean_table.with_name("t.csv.lock").exists()
+
+
+def _hold_lock_in_turns(out: str, log: str) -> None:
+    import os
+    import time
+
+    from routet2i.training.data_build import _locked
+
+    for _ in range(15):
+        with _locked(Path(out)):
+            with open(log, "a") as f:
+                f.write(f"in {os.getpid()}\n")
+            time.sleep(0.002)
+            with open(log, "a") as f:
+                f.write(f"out {os.getpid()}\n")
+
+
+def test_lock_is_exclusive_and_leaves_no_file(tmp_path: Path) -> None:
+    """Processes taking the lock in turn never overlap, although each holder deletes the file on release."""
+    import multiprocessing
+
+    out, log = tmp_path / "t.csv", tmp_path / "log.txt"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_hold_lock_in_turns, args=(str(out), str(log))) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    lines = log.read_text().split("\n")[:-1]
+    assert len(lines) == 4 * 15 * 2
+    for enter, leave in zip(lines[::2], lines[1::2], strict=True):
+        assert enter.startswith("in ") and leave == "out " + enter[3:], (enter, leave)
+    assert not out.with_name("t.csv.lock").exists()
 
 
 KILLER = """

@@ -77,7 +77,7 @@ def _pair_args(s: dict[str, Path]) -> list[str]:
 def _train(s: dict[str, Path], out: Path, method: str, seed: int = 0) -> int:
     return main(
         ["train", *_pair_args(s), "--out", str(out), "--method", method, "--backbone", str(s["backbone"])]
-        + ["--seed", str(seed), "--epochs", "4", "--cache-dir", str(s["cache"])]
+        + ["--seed", str(seed), "--epochs", "4", "--cache-dir", str(s["cache"]), "--force"]
     )
 
 
@@ -360,3 +360,72 @@ def test_token_states_are_computed_once_and_cached(setup, tmp_path) -> None:
     assert s.shape[1] == 4 and m.shape == (1, 4)  # trimmed to the longest prompt of the subset
     other = features.token_states(prompts[:2], str(setup["backbone"]), 32, cache_dir=tmp_path)
     assert other.key != first.key
+
+
+# ---------------------------------------------------------------------------------- bounds (issue 11)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--lr", "nan"], "--lr must be a finite number > 0"),
+        (["--lr", "-1"], "--lr must be a finite number > 0"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+        (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+        (["--top-k", "0"], "--top-k must be a finite number >= 1"),
+        (["--top-k", "100000"], "--top-k must be"),
+        (["--seed", "-1"], "--seed must be a finite number >= 0"),
+        (["--n-layers", "-1"], "--n-layers must be a finite number >= 0"),
+        (["--patience", "-1"], "--patience must be a finite number >= 0"),
+    ],
+)
+def test_train_bad_settings_exit_2_before_work(setup, capsys, monkeypatch, extra, needle) -> None:
+    from routet2i.training import train
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the settings were checked")
+
+    monkeypatch.setattr(train, "load_pair", no_work)
+    out = setup["root"] / "bad-settings"
+    assert main(["train", *_pair_args(setup), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("item", "needle"),
+    [
+        ("top_k=x", "--set top_k must be an integer"),
+        ("top_k=0", "--set top_k must be a finite number >= 1"),
+        ("lr=-1", "--set lr must be a finite number > 0"),
+        ("lr=nan", "--set lr must be a finite number > 0"),
+        ("n_layers=-1", "--set n_layers must be"),
+    ],
+)
+def test_eval_bad_set_values_exit_2_before_work(setup, capsys, monkeypatch, item, needle) -> None:
+    from routet2i.training import train
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the settings were checked")
+
+    monkeypatch.setattr(train, "load_pair", no_work)
+    out = setup["root"] / "bad-set.json"
+    assert main(["eval", *_pair_args(setup), "--json", str(out), "--set", item]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_train_refuses_a_non_empty_out_without_force(setup, capsys) -> None:
+    out = setup["root"] / "occupied"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    cmd = ["train", *_pair_args(setup), "--out", str(out), "--backbone", str(setup["backbone"])]
+    cmd += ["--epochs", "2", "--cache-dir", str(setup["cache"])]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not empty" in err and "--force" in err and len(err.splitlines()) == 1, err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main([*cmd, "--force"]) == 0
+    assert (out / "router.pt").is_file() and not (out / "keep.txt").exists()

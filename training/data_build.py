@@ -130,19 +130,35 @@ def _parts_dir(out: Path) -> Path:
 
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
-    """Exclusive lock on ``<out>.lock`` (POSIX; a no-op where fcntl is missing)."""
+    """Exclusive lock on ``<out>.lock``, removed on release (POSIX; a no-op where fcntl is missing).
+
+    The holder deletes the lock file before unlocking, so none is left behind. A process that opened the
+    file just before it was deleted would then lock an orphan inode: after locking, each process checks that
+    the path still names the inode it holds, and starts over when it does not.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + _LOCK_SUFFIX), "a") as f:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            yield
-            return
+    path = out.with_name(out.name + _LOCK_SUFFIX)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    while True:
+        f = open(path, "a")
         fcntl.lockf(f, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.lockf(f, fcntl.LOCK_UN)
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # closing releases the lock on the orphan
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.lockf(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def _part_files(out: Path) -> list[Path]:

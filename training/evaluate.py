@@ -466,10 +466,12 @@ def write_json(report: dict[str, Any], path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from routet2i.training.train import TrainConfig, load_pair
+    from routet2i.training.train import TrainConfig, check_settings, check_value, load_pair
 
     check_eval_args(args)
     cfg, overrides = _parse_sets(args.set, TrainConfig())
+    check_value("max_length", args.max_length, "--max-length")
+    check_settings(cfg, overrides, args.max_length, via="set")
     pair, weights = load_pair(args)
     methods = check_eval_args(args, n_texts=len(set(pair.prompts)))
     report = evaluate_pair(

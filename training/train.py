@@ -22,6 +22,7 @@ import argparse
 import copy
 import logging
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -298,6 +299,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-layers", type=int, default=None, help="trainable transformer layers (RouteT2I)")
     parser.add_argument("--max-length", type=int, default=128, help="tokenizer truncation length")
     parser.add_argument("--cache-dir", default=None, help="token-state cache folder")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
 
 
 def parse_list(text: str | None, name: str, kind=str) -> list | None:
@@ -311,6 +313,84 @@ def parse_list(text: str | None, name: str, kind=str) -> list | None:
         return [kind(t) for t in items]
     except ValueError as exc:
         raise UsageError(f"{name} {text!r}: {exc}") from exc
+
+
+# Allowed values of every training and model setting, checked before any work (CLI flags and eval --set):
+# name -> (kind, low, high, low_open). kind "int" | "float" | "bool" | a tuple of allowed strings.
+# The upper bounds on sizes keep a typo from allocating gigabytes (top_k is also capped by max_length).
+MAX_LAYERS = 12
+BOUNDS: dict[str, tuple[Any, float | None, float | None, bool]] = {
+    "max_epochs": ("int", 1, 100_000, False),
+    "batch_size": ("int", 1, 1_000_000, False),
+    "lr": ("float", 0.0, 10.0, True),
+    "weight_decay": ("float", 0.0, 1e3, False),
+    "val_fraction": ("float", 0.0, 0.99, False),
+    "patience": ("int", 0, 100_000, False),
+    "loss": (("bce", "mse"), None, None, False),
+    "gamma": ("float", 0.0, 1e6, True),
+    "eps": ("float", 0.0, 1.0, True),
+    "restore_best": ("bool", None, None, False),
+    "seed": ("int", 0, 2**32 - 1, False),
+    "max_length": ("int", 1, 4096, False),
+    "top_k": ("int", 1, 4096, False),
+    "n_layers": ("int", 0, MAX_LAYERS, False),
+    "n_heads": ("int", 1, 64, False),
+    "rank": ("int", 1, 4096, False),
+    "score_dim": ("int", 1, 4096, False),
+    "activation": (("gelu", "relu", "tanh"), None, None, False),
+    "dropout": ("float", 0.0, 0.99, False),
+    "multimetric": ("bool", None, None, False),
+    "token_selection": ("bool", None, None, False),
+    "dual_gate": ("bool", None, None, False),
+    "hidden": ("int", 0, 65_536, False),
+    "tau": ("float", 0.0, 1e6, True),
+    "gap_scale": ("float", 0.0, 1e6, True),
+}
+
+
+def check_value(name: str, value: Any, flag: str | None = None) -> None:
+    """UsageError (one line) when ``value`` is outside BOUNDS[name]; ``flag`` names it in the message."""
+    import math
+
+    from routet2i._errors import UsageError
+
+    if name not in BOUNDS:
+        return
+    kind, lo, hi, lo_open = BOUNDS[name]
+    label = flag or name
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise UsageError(f"{label} must be one of {', '.join(kind)}, got {value!r}")
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise UsageError(f"{label} must be true or false, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UsageError(f"{label} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+    if kind == "int" and not (isinstance(value, int) or float(value).is_integer()):
+        raise UsageError(f"{label} must be an integer, got {value!r}")
+    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
+        low = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        raise UsageError(f"{label} must be a finite number {low} and <= {hi:g}, got {value!r}")
+
+
+def check_settings(cfg: TrainConfig, overrides: dict[str, Any], max_length: int, via: str) -> None:
+    """Every TrainConfig field and model override within BOUNDS; top_k <= max_length. ``via``: flag style."""
+    from routet2i._errors import UsageError
+
+    def label(name: str) -> str:
+        return f"--{name.replace('_', '-')}" if via == "flag" else f"--set {name}"
+
+    for f in fields(cfg):
+        check_value(f.name, getattr(cfg, f.name), label(f.name))
+    for name, value in overrides.items():
+        check_value(name, value, label(name))
+    top_k = overrides.get("top_k")
+    if top_k is not None and top_k > max_length:
+        raise UsageError(
+            f"{label('top_k')} must be <= --max-length ({max_length}: a prompt never has more tokens), got {top_k}"
+        )
 
 
 def check_train_args(args: argparse.Namespace) -> None:
@@ -328,7 +408,30 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if not (args.gamma > 0):
         raise UsageError(f"--gamma must be > 0, got {args.gamma}")
+    check_value("seed", args.seed, "--seed")
+    check_value("max_length", args.max_length, "--max-length")
+    check_settings(_train_config(args), _overrides(args), args.max_length, via="flag")
     check_output_path(args.out, "--out", folder=True)
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"--out {out}: folder exists and is not empty (pass --force to replace it)")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        val_fraction=args.val_fraction,
+        patience=args.patience,
+        loss=args.loss,
+        gamma=args.gamma,
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in (("top_k", args.top_k), ("n_layers", args.n_layers)) if v is not None}
 
 
 def load_pair(args: argparse.Namespace):
@@ -361,17 +464,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"dataset {pair.dataset!r} has {len(pair)} prompt(s) for this pair; training needs >= 2"
         )
-    cfg = TrainConfig(
-        max_epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        val_fraction=args.val_fraction,
-        patience=args.patience,
-        loss=args.loss,
-        gamma=args.gamma,
-    )
-    overrides = {k: v for k, v in (("top_k", args.top_k), ("n_layers", args.n_layers)) if v is not None}
+    cfg = _train_config(args)
+    overrides = _overrides(args)
     feats = token_states(pair.prompts, args.backbone, args.max_length, cache_dir=args.cache_dir)
     _, _, sd = combined_quality(pair.q_edge, pair.q_cloud, weights)
     idx = np.arange(len(pair))
