@@ -124,7 +124,11 @@ def describe(result: Any) -> str:
     quota = ""
     if result.quota:
         quota = f", cloud quota {result.quota['remaining']}/{result.quota['limit']} left"
-    return f"{result.route} [{result.reason}]: {why}; {result.timings['total']:.2f} s{quota}"
+    rate = ""
+    if result.paced_rate is not None:
+        target = "n/a" if result.target_rate is None else f"{result.target_rate:.3f}"
+        rate = f"; paced rate {result.paced_rate:.3f} (target {target})"
+    return f"{result.route} [{result.reason}]: {why}{rate}; {result.timings['total']:.2f} s{quota}"
 
 
 def _generate(args: argparse.Namespace, client: Any, progress: _Progress) -> Any:

@@ -6,9 +6,10 @@
     result = client.generate("a red fox in the snow", seed=0, num_inference_steps=20)
 
 One call: the ONNX router predicts PRS^ (section 4 of ROUTET2I.md: the edge is predicted better when PRS^ is
-high), the policy (`routet2i.policy`) decides with alpha for the (quota-paced) target cloud rate, the image
-is generated where decided, and a cloud failure falls back to the edge with the reason in the result.
-Every decision is appended to the decision log. `AsyncEdgeClient` is the asyncio twin.
+high), the policy (`routet2i.policy`) decides with alpha for the (quota-paced) target cloud rate (online
+calibration: alpha follows the device's own PRS^ distribution), the image is generated where decided, and a
+cloud failure falls back to the edge with the reason in the result. `EdgeClient.route` is the same decision
+without generating. Every decision is appended to the decision log. `AsyncEdgeClient` is the asyncio twin.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 from routet2i._errors import UsageError
 from routet2i.config import ClientConfig, load_config
 from routet2i.decision_log import DecisionLog
-from routet2i.policy import DeviceState, LocalOnlyRules, QuotaInfo, RoutingPolicy, exhaustion_end
+from routet2i.policy import (
+    Decision,
+    DeviceState,
+    LocalOnlyRules,
+    QuotaInfo,
+    RoutingPolicy,
+    exhaustion_end,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import grpc
@@ -42,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncEdgeClient", "EdgeClient", "GenerateResult", "ProgressEvent"]
+__all__ = ["AsyncEdgeClient", "EdgeClient", "GenerateResult", "ProgressEvent", "RouteDecision"]
 
 _QUOTA_REFRESH_S = 300.0  # at most one GetQuota per this many seconds when pacing needs a fresh quota
 _MAX_SEED = 2**32 - 1
@@ -56,6 +64,34 @@ class ProgressEvent:
     step: int  # steps done so far
     total_steps: int  # steps in this generation
     request_id: str  # the generation this belongs to
+
+
+@dataclass
+class RouteDecision:
+    """What `EdgeClient.route` returns: the decision `generate` would make, without generating."""
+
+    route: str  # where it would be generated: "edge" | "cloud"
+    reason: str  # why: router | forced | quota_exhausted | cloud_unavailable | local_only (as GenerateResult)
+    model: str  # the model that would generate: the edge bundle's folder name or the cloud model's name
+    prs: float | None  # PRS^ predicted by the router (None without a router)
+    alpha: float | None  # threshold in force: the router wants the cloud iff PRS^ < alpha
+    target_rate: float | None  # configured cloud rate rho_r
+    paced_rate: float | None  # rate actually targeted after quota-aware pacing
+    wanted_cloud: bool | None = None  # the router's own wish (None: forced or local-only, router not asked)
+    calibration: str = "static"  # how alpha was found: "online" (the device's own PRS^) | "static" (table)
+    observed: int = 0  # PRS^ values in the online calibration window when deciding
+    expected_requests: float | None = None  # M, requests expected before the quota period ends (pacing)
+    cause: str | None = None  # why a wanted cloud route stays on the device (e.g. "circuit breaker open")
+    metric_scores: list[float] = field(default_factory=list)  # router's per-metric scores
+    route_seconds: float = 0.0  # time spent deciding (router inference included)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field (JSON-safe)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("prs", "alpha"):
+            if isinstance(d.get(k), float) and not math.isfinite(d[k]):
+                d[k] = None
+        return d
 
 
 @dataclass
@@ -162,7 +198,9 @@ class EdgeClient:
 
             self.edge = EdgePipeline(config.edge, providers=config.providers)
         self.state = DeviceState(
-            config.resolved_state_file(), cloud_key=_cloud_key(config.cloud, config.token)
+            config.resolved_state_file(),
+            cloud_key=_cloud_key(config.cloud, config.token),
+            keep_s=config.pacing_window_s,
         )
         self.policy = RoutingPolicy(
             routing,
@@ -171,6 +209,8 @@ class EdgeClient:
             pacing_window_s=config.pacing_window_s,
             pacing_min_requests=config.pacing_min_requests,
             pacing_min_span_s=config.pacing_min_span_s,
+            calibration=config.calibration,
+            calibration_window=config.calibration_window,
             local_only=LocalOnlyRules(config.local_only_patterns, config.local_only_keywords),
             state=self.state,
             rng=self._rng,
@@ -204,6 +244,14 @@ class EdgeClient:
                 config.token_env,
             )
         self._router_version = str((routing or {}).get("router_version", ""))
+        self._edge_name = (
+            Path(str(config.edge)).name
+            if config.edge
+            else (type(self.edge).__name__ if self.edge is not None else "")
+        ) or str((routing or {}).get("edge_model", "edge"))
+        self._cloud_name = str((routing or {}).get("cloud_model") or "cloud")
+        # names a caller may pass as models=[...]: the router's pair (the N-model issue extends this)
+        self._model_names = {str((routing or {}).get("edge_model") or self._edge_name), self._cloud_name}
         logger.info(
             "EdgeClient ready: router=%s edge=%s cloud=%s target_cloud_rate=%s",
             config.router,
@@ -279,6 +327,88 @@ class EdgeClient:
         if force not in (None, "edge", "cloud"):
             raise UsageError(f"force={force!r}: must be 'edge', 'cloud' or None")
 
+    def _check_models(self, models: Any) -> bool:
+        """Validate ``models``; True when the cloud model may be chosen."""
+        if models is None:
+            return True
+        if isinstance(models, str) or not all(isinstance(m, str) for m in models or ()) or not models:
+            raise UsageError(f"models={models!r}: must be a non-empty list of model names")
+        unknown = sorted(set(models) - self._model_names)
+        if unknown:
+            raise UsageError(
+                f"models={list(models)!r}: unknown model(s) {unknown}; this router knows "
+                f"{', '.join(sorted(self._model_names))}"
+            )
+        return self._cloud_name in models
+
+    def _decide(
+        self, prompt: str, force: str | None, local_only: bool, cloud_allowed: bool = True
+    ) -> tuple[Decision, list[float], float]:
+        """Router, quota refresh, then the policy's decision, counted for pacing and calibration."""
+        t_start = time.perf_counter()
+        prs, scores = None, []
+        if self.router is not None:
+            out_prs, out_scores = self.router.predict_one(prompt)
+            prs = float(out_prs)
+            scores = [float(s) for s in list(out_scores)]
+        t_route = time.perf_counter() - t_start
+        now = time.time()
+        self._maybe_refresh_quota(now)
+        decision = self.policy.route(
+            prompt,
+            prs,
+            force=force,
+            local_only=local_only,
+            cloud_configured=self.cloud is not None,
+            cloud_open=self.cloud.available if self.cloud is not None else False,
+            cloud_allowed=cloud_allowed,
+            now=now,
+        )
+        return decision, scores, t_route
+
+    def route(
+        self,
+        prompt: str,
+        *,
+        force: str | None = None,
+        local_only: bool = False,
+        models: list[str] | None = None,
+    ) -> RouteDecision:
+        """The whole decision `generate` would make for ``prompt`` (router, online calibration, pacing,
+        ``force``/``local_only``, a remembered quota exhaustion, cloud availability), without generating.
+
+        Counts as a request for pacing and as a routed prompt for online calibration, like `generate`, and
+        is appended to the decision log (``"decided_only": true``). ``models``: the model names the route may
+        choose among (today the router's edge and cloud model names; leaving the cloud model out keeps the
+        prompt on the edge with reason "forced")."""
+        self._check_args(prompt, None, None, None, None, None, force)
+        cloud_allowed = self._check_models(models)
+        t0 = time.perf_counter()
+        decision, scores, _ = self._decide(prompt, force, local_only, cloud_allowed)
+        out = self._route_decision(decision, scores, time.perf_counter() - t0)
+        rec = self._record(uuid.uuid4().hex, decision, {"route": _round(out.route_seconds)}, None, None, None)
+        rec["decided_only"] = True
+        self.decisions.append(rec, prompt=prompt)
+        return out
+
+    def _route_decision(self, decision: Decision, scores: list[float], seconds: float) -> RouteDecision:
+        return RouteDecision(
+            route=decision.route,
+            reason=decision.reason,
+            model=self._cloud_name if decision.route == "cloud" else self._edge_name,
+            prs=decision.prs,
+            alpha=decision.alpha,
+            target_rate=decision.target_rate,
+            paced_rate=decision.paced_rate,
+            wanted_cloud=decision.wanted_cloud,
+            calibration=decision.calibration,
+            observed=decision.observed,
+            expected_requests=decision.expected_requests,
+            cause=decision.details.get("cause"),
+            metric_scores=scores,
+            route_seconds=seconds,
+        )
+
     def generate(
         self,
         prompt: str,
@@ -319,24 +449,8 @@ class EdgeClient:
             seed = self._rng.randint(0, _MAX_SEED)
         t_start = time.perf_counter()
 
-        prs, scores = None, []
-        if self.router is not None:
-            out_prs, out_scores = self.router.predict_one(prompt)
-            prs = float(out_prs)
-            scores = [float(s) for s in list(out_scores)]
-        t_route = time.perf_counter() - t_start
-        now = time.time()
-        self._maybe_refresh_quota(now)
-        self.state.record_request(now)
-        decision = self.policy.decide(
-            prompt,
-            prs,
-            force=force,
-            local_only=local_only,
-            cloud_configured=self.cloud is not None,
-            cloud_open=self.cloud.available if self.cloud is not None else False,
-            now=now,
-        )
+        decision, scores, t_route = self._decide(prompt, force, local_only)
+        prs = decision.prs
         route, reason = decision.route, decision.reason
         timings = {"route": t_route, "queue": 0.0, "generate": 0.0, "network": 0.0}
         image = None
@@ -485,22 +599,30 @@ class EdgeClient:
             image = self.edge(prompt, **kwargs)
         return image, t1 - t0, time.perf_counter() - t1
 
-    def _log(
-        self, request_id, prompt, route, reason, decision, timings, quota, seed, cloud_error, failed=False
-    ):
+    def _record(self, request_id, decision, timings, quota, seed, cloud_error):
         rec = {
             "request_id": request_id,
-            "route": route,
-            "reason": reason,
+            "route": decision.route,
+            "reason": decision.reason,
             "prs": decision.prs,
             "alpha": decision.alpha,
             "target_rate": decision.target_rate,
             "paced_rate": decision.paced_rate,
+            "calibration": decision.calibration,
             "expected_requests": decision.expected_requests,
             "quota_remaining": quota.remaining if quota is not None else None,
-            "seed": int(seed),
+            "seed": None if seed is None else int(seed),
             "timings": timings,
         }
+        if cloud_error:
+            rec["cloud_error"] = cloud_error
+        return rec
+
+    def _log(
+        self, request_id, prompt, route, reason, decision, timings, quota, seed, cloud_error, failed=False
+    ):
+        rec = self._record(request_id, decision, timings, quota, seed, None)
+        rec["route"], rec["reason"] = route, reason
         if cloud_error:
             rec["cloud_error"] = cloud_error
         if failed:
@@ -537,6 +659,11 @@ class AsyncEdgeClient:
             cb = lambda ev: loop.call_soon_threadsafe(progress, ev)  # noqa: E731
         fn = functools.partial(self._client.generate, prompt, progress=cb, **kwargs)
         return await loop.run_in_executor(self._executor, fn)
+
+    async def route(self, prompt: str, **kwargs: Any) -> RouteDecision:
+        """Same arguments as `EdgeClient.route` (router inference runs in a worker thread)."""
+        fn = functools.partial(self._client.route, prompt, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def refresh_quota(self) -> QuotaInfo | None:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._client.refresh_quota)

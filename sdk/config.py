@@ -17,6 +17,7 @@ Example::
 
     [policy]
     target_cloud_rate = 0.3
+    calibration = "online"               # or "static": the bundle's table only
     local_only_keywords = ["passport", "medical"]
 
     [log]
@@ -76,10 +77,16 @@ class ClientConfig:
     stream: bool = True  # use GenerateStream (progress events) when a progress callback is given
     # --- [policy]
     target_cloud_rate: float | None = None  # wanted share of cloud generations; None: the bundle's default
+    budget: float | None = None  # average cloud cost units per prompt; with one cloud model of cost 1 the
+    # same number as target_cloud_rate (its alias here: give either, or both equal)
+    calibration: str = "online"  # "online": alpha tracks the target quantile of the device's own PRS^;
+    # "static": alpha from the bundle's calibration table only
+    calibration_window: int = 500  # PRS^ values (numbers only) online calibration keeps per router
     pacing: bool = True  # quota-aware pacing: target min(rate, R/M) (ROUTET2I.md section 4)
     pacing_min_requests: int = 5  # requests seen before the device trusts its own request rate
     pacing_window_s: float = 7 * 86400.0  # how far back request times count for the rate estimate
-    pacing_min_span_s: float = 3600.0  # the rate estimate spans at least this long (a burst is not a trend)
+    pacing_min_span_s: float | None = None  # the rate estimate spans at least this long (a burst is not a
+    # trend); None: the quota period's length (a day, a month), at most pacing_window_s
     local_only_patterns: list[str] = field(default_factory=list)  # regexes: a match keeps the prompt local
     local_only_keywords: list[str] = field(default_factory=list)  # words (case-insensitive, whole word)
     # --- [log]
@@ -102,6 +109,34 @@ class ClientConfig:
             isinstance(self.target_cloud_rate, (int, float)) and 0.0 <= self.target_cloud_rate <= 1.0
         ):
             raise UsageError(f"target_cloud_rate={self.target_cloud_rate!r}: must be a number in [0, 1]")
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not (
+                isinstance(self.budget, (int, float)) and 0.0 <= self.budget <= 1.0
+            ):
+                raise UsageError(
+                    f"budget={self.budget!r}: must be a number in [0, 1] (cloud cost units per prompt; "
+                    "one cloud model of cost 1 today)"
+                )
+            if self.target_cloud_rate is not None and self.target_cloud_rate != self.budget:
+                raise UsageError(
+                    f"budget={self.budget!r} and target_cloud_rate={self.target_cloud_rate!r}: the same "
+                    "setting (budget is its alias); give one"
+                )
+            self.target_cloud_rate = self.budget
+        if self.calibration not in ("online", "static"):
+            raise UsageError(f"calibration={self.calibration!r}: must be 'online' or 'static'")
+        if (
+            isinstance(self.calibration_window, bool)
+            or not isinstance(self.calibration_window, int)
+            or self.calibration_window < 1
+        ):
+            raise UsageError(f"calibration_window={self.calibration_window!r}: must be an integer >= 1")
+        if self.pacing_min_span_s is not None and (
+            not isinstance(self.pacing_min_span_s, (int, float))
+            or not math.isfinite(self.pacing_min_span_s)
+            or self.pacing_min_span_s < 0
+        ):
+            raise UsageError(f"pacing_min_span_s={self.pacing_min_span_s!r}: must be seconds >= 0 or unset")
         for name in (
             "deadline_s",
             "backoff_initial_s",
@@ -184,6 +219,9 @@ _SECTIONS: dict[str, str | None] = {
     "breaker_reset_s": "cloud",
     "stream": "cloud",
     "target_cloud_rate": "policy",
+    "budget": "policy",
+    "calibration": "policy",
+    "calibration_window": "policy",
     "pacing": "policy",
     "pacing_min_requests": "policy",
     "pacing_window_s": "policy",

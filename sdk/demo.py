@@ -235,29 +235,34 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def run_table(prompts: Sequence[str], out_dir: Path | None, steps: int, cache_dir: Path | None) -> list[Any]:
-    """Route every prompt and print the table prompt | PRS^ | alpha | route | reason | seconds."""
+    """Route every prompt and print the table prompt | PRS^ | alpha | paced | route | reason | seconds
+    (paced: the cloud rate targeted after quota-aware pacing)."""
     from routet2i.cli import save_png_atomic
 
     results = []
     with demo_client(cache_dir) as client:
         w = max(len(p) for p in prompts)
         w = min(w, 60)
-        print(f"{'prompt':<{w}}  {'PRS^':>7}  {'alpha':>7}  {'route':<5}  {'reason':<17}  {'seconds':>7}")
-        print("-" * (w + 54))
+        print(
+            f"{'prompt':<{w}}  {'PRS^':>7}  {'alpha':>7}  {'paced':>6}  {'route':<5}  {'reason':<17}  {'seconds':>7}"
+        )
+        print("-" * (w + 62))
         for i, prompt in enumerate(prompts):
             r = client.generate(prompt, seed=i, num_inference_steps=steps)
             results.append(r)
             shown = prompt if len(prompt) <= w else prompt[: w - 3] + "..."
             prs = "n/a" if r.prs is None else f"{r.prs:.4f}"
             alpha = "n/a" if r.alpha is None else f"{r.alpha:.4f}"
+            paced = "n/a" if r.paced_rate is None else f"{r.paced_rate:.3f}"
             print(
-                f"{shown:<{w}}  {prs:>6}  {alpha:>6}  {r.route:<5}  {r.reason:<17}  {r.timings['total']:>7.2f}"
+                f"{shown:<{w}}  {prs:>7}  {alpha:>7}  {paced:>6}  {r.route:<5}  {r.reason:<17}  "
+                f"{r.timings['total']:>7.2f}"
             )
             if out_dir is not None:
                 save_png_atomic(r.image, out_dir / f"{i:02d}-{r.route}.png")
         n_cloud = sum(r.route == "cloud" for r in results)
         q = results[-1].quota if results else None
-        print("-" * (w + 54))
+        print("-" * (w + 62))
         print(
             f"{n_cloud}/{len(results)} generated in the cloud (target cloud rate {client.policy.target_rate}); "
             + (f"cloud quota {q['remaining']}/{q['limit']} left" if q else "quota unknown")

@@ -1,22 +1,29 @@
-"""The routing policy of the device: cloud iff PRS^ < alpha, with quota-aware pacing.
+"""The routing policy of the device: cloud iff PRS^ < alpha, with online calibration and quota-aware pacing.
 
-- alpha comes from the router bundle's calibration table (cloud rate -> alpha) for the target cloud rate:
-  the row of the largest tabulated rate <= the target (ROUTET2I.md section 4).
+- alpha for the target cloud rate. ``calibration = "static"``: from the router bundle's calibration table
+  (cloud rate -> alpha, computed on the training prompts): the row of the largest tabulated rate <= the
+  target (ROUTET2I.md section 4). ``"online"`` (the default): the target quantile of PRS^ over the device's
+  own recent prompts (a window of numbers, never prompt text), warm-started from the table and blended into
+  the window as it fills, with the rate error of past decisions paid back, so the share of prompts the
+  router wants in the cloud holds the target on the device's own traffic (ours; see README).
 - Quota-aware pacing (ours): with R cloud generations left in the quota period and M requests expected
-  before the period ends (from the device's own request rate), the device targets
-  ``rho_t = min(rho_r, R / M)`` so the quota lasts the whole period.
+  before the period ends (from the device's long-run request rate: a burst is not a trend), the device
+  targets ``rho_t = min(rho_r, R / M)`` so the quota lasts the whole period; online calibration tracks rho_t.
 - ``force="edge"|"cloud"``, ``local_only`` rules (regexes / keywords, or a per-call flag) and a remembered
   quota exhaustion override the router. Precedence: local_only, then force="edge", then whatever keeps a
   wanted cloud route on the device (quota_exhausted, then cloud_unavailable), then force="cloud", then the
   router.
 
-`DeviceState` keeps request times and the last quota seen in a small JSON file, written atomically
-(temp file + rename), so pacing survives restarts.
+`DeviceState` keeps request counts, the last quota seen and the calibration windows in a small JSON file,
+merged under a file lock and written atomically (temp file + rename), so pacing and calibration survive
+restarts and several processes of one device.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -26,18 +33,32 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from routet2i._errors import UsageError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: threads are locked, processes are not
+    fcntl = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
 
 ROUTES = ("edge", "cloud")
 REASONS = ("router", "forced", "quota_exhausted", "cloud_unavailable", "cloud_error", "local_only")
-_MAX_TIMES = 512  # request times kept in the state file
+CALIBRATIONS = ("online", "static")
+DEFAULT_WINDOW = 500  # PRS^ values kept per router for online calibration
+WARMUP = 200  # values after which the online alpha no longer blends in the table's
+PAYBACK_PROMPTS = 30  # the rate error owed is paid back over about this many prompts
+MAX_PAYBACK = 0.3  # ... shifting the quantile level by at most this much
+DEBT_MEMORY = 100  # prompts: an older error fades, so the overshoot after a shift in the device's
+# traffic (while the window still holds the old prompts) is not paid back for hundreds of prompts
+LEAK = 1.0 - 1.0 / DEBT_MEMORY
+PERIOD_SECONDS = {"day": 86400.0, "month": 30 * 86400.0}  # quota period lengths for pacing
+_MAX_ROUTERS = 4  # calibration windows kept in the state file (one per router bundle)
 EXHAUSTED_RECHECK_S = 3600.0  # without a period end (period "total"), ask the cloud again after this long
 
 
@@ -149,100 +170,271 @@ class QuotaInfo:
 
 
 class DeviceState:
-    """Request times, the last quota seen and a remembered exhaustion; persisted to ``path`` (or memory).
+    """What the device remembers between requests and restarts, in one small JSON file (or memory):
 
-    The quota and the exhaustion belong to one cloud account: ``cloud_key`` (a digest of endpoint and token)
-    is stored with them, and a state file written for another endpoint or token keeps its request times
-    (the device's own rate) but not that account's quota."""
+    - request counts per hour over the pacing window, the first request's time and a running total (the
+      device's long-run request rate, for pacing);
+    - the last quota seen and a remembered exhaustion, for one cloud account: ``cloud_key`` (a digest of
+      endpoint and token) is stored with them, and a client of another endpoint or token neither uses nor
+      erases them;
+    - per router (a digest of its routing.json): the last PRS^ values routed (numbers only, never prompt
+      text) and the rate error the online calibration is paying back.
 
-    def __init__(self, path: str | os.PathLike[str] | None, cloud_key: str | None = None) -> None:
+    Several processes may share the file: every change is a read-merge-write under an exclusive lock on
+    ``<file>.lock`` (`transaction`), and the file is replaced atomically (temp file + rename), so readers
+    never see half a file and no process's requests are lost."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        cloud_key: str | None = None,
+        *,
+        keep_s: float = 7 * 86400.0,
+    ) -> None:
         self.path = Path(path) if path is not None else None
         self.cloud_key = cloud_key
-        self._lock = threading.Lock()
-        self.request_times: list[float] = []
+        self.keep_s = float(keep_s)  # request counts older than this are dropped
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._dirty = False
+        self._last_bytes: bytes | None = None  # the file as last read or written by this object
+        self._warned = False
+        self.request_counts: dict[int, int] = {}  # hour (unix // 3600) -> requests in that hour
+        self.first_request_unix = 0.0  # first request this state has seen (0: none)
+        self.requests_total = 0  # requests recorded since the state file was created
         self.quota: QuotaInfo | None = None
         self.exhausted_until: float = 0.0  # unix time until which the cloud is known to say "no quota"
-        self._load()
+        self.calibration: dict[str, dict[str, Any]] = {}  # router key -> {"prs": [...], "error": e}
+        self._foreign: dict[str, Any] | None = None  # another account's quota, kept as found
+        with self.transaction():
+            pass
 
-    def _load(self) -> None:
-        if self.path is None or not self.path.exists():
-            return
+    # --- the file
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[DeviceState]:
+        """Hold the state (threads) and the file lock (processes); on entry the state is re-read when
+        another process changed the file, on exit it is written once if anything changed. Re-entrant."""
+        with self._lock:
+            outer = self._depth == 0
+            lock_fd = self._lock_file() if outer else None
+            try:
+                if outer:
+                    self._refresh()
+                self._depth += 1
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
+                    if outer and self._dirty:
+                        self._dirty = False
+                        self._save()
+            finally:
+                if lock_fd is not None:
+                    os.close(lock_fd)  # closing the descriptor releases the flock
+
+    def _lock_file(self) -> int | None:
+        if self.path is None or fcntl is None:
+            return None
         try:
-            doc = json.loads(self.path.read_text())
-            self.request_times = [float(t) for t in doc.get("request_times", [])][-_MAX_TIMES:]
-            if self.cloud_key is not None and doc.get("cloud_key") != self.cloud_key:
-                logger.info("state file %s: quota of another cloud endpoint or token, not used", self.path)
-                return
-            q = doc.get("quota")
-            self.quota = QuotaInfo.from_dict(q) if isinstance(q, dict) else None
-            self.exhausted_until = float(doc.get("exhausted_until", 0.0))
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            logger.warning("state file %s unreadable (%s); starting afresh", self.path, exc)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            self._warn(f"could not lock state file {self.path} ({exc}); other processes may overwrite it")
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(fd)
+            self._warn(f"could not lock state file {self.path} ({exc}); other processes may overwrite it")
+            return None
+        return fd
 
-    def _save(self) -> None:
+    def _warn(self, msg: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("%s", msg)
+
+    def _refresh(self) -> None:
         if self.path is None:
             return
-        doc = {
-            "version": 1,
-            "request_times": self.request_times[-_MAX_TIMES:],
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self._warn(f"state file {self.path} unreadable ({exc}); keeping the state in memory")
+            return
+        if data == self._last_bytes:  # nobody else wrote since: memory is current
+            return
+        self._last_bytes = data
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            self._load(doc)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            logger.warning("state file %s unreadable (%s); starting afresh", self.path, exc)
+
+    def _load(self, doc: dict[str, Any]) -> None:
+        counts = doc.get("request_counts")
+        if isinstance(counts, dict):
+            self.request_counts = {int(h): int(c) for h, c in counts.items()}
+            self.first_request_unix = float(doc.get("first_request_unix", 0.0))
+            self.requests_total = int(doc.get("requests_total", sum(self.request_counts.values())))
+        else:  # version 1: a list of request times
+            times = [float(t) for t in doc.get("request_times", [])]
+            self.request_counts = {}
+            for t in times:
+                self.request_counts[int(t // 3600)] = self.request_counts.get(int(t // 3600), 0) + 1
+            self.first_request_unix = min(times, default=0.0)
+            self.requests_total = len(times)
+        cal = doc.get("calibration")
+        self.calibration = {}
+        if isinstance(cal, dict):
+            for key, entry in cal.items():
+                if isinstance(entry, dict):
+                    prs = [float(x) for x in entry.get("prs", [])]
+                    self.calibration[str(key)] = {"prs": prs, "error": float(entry.get("error", 0.0))}
+        q = doc.get("quota")
+        if doc.get("cloud_key") != self.cloud_key:
+            self.quota, self.exhausted_until = None, 0.0
+            self._foreign = {k: doc.get(k) for k in ("quota", "exhausted_until", "cloud_key")}
+            if q is not None:
+                logger.info("state file %s: quota of another cloud endpoint or token, not used", self.path)
+            return
+        self._foreign = None
+        self.quota = QuotaInfo.from_dict(q) if isinstance(q, dict) else None
+        self.exhausted_until = float(doc.get("exhausted_until", 0.0))
+
+    def _document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "version": 2,
+            "request_counts": {str(h): c for h, c in sorted(self.request_counts.items())},
+            "first_request_unix": self.first_request_unix,
+            "requests_total": self.requests_total,
             "quota": None
             if self.quota is None
             else {**self.quota.to_dict(), "observed_unix": self.quota.observed_unix},
             "exhausted_until": self.exhausted_until,
             "cloud_key": self.cloud_key,
+            "calibration": self.calibration,
         }
+        if self._foreign is not None and self.quota is None and not self.exhausted_until:
+            doc.update(self._foreign)  # nothing of our own account to store: keep the other one's
+        return doc
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        data = json.dumps(self._document(), separators=(",", ":")).encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=self.path.parent)
             try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
                 os.replace(tmp, self.path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            self._last_bytes = data
         except OSError as exc:  # state is an optimisation: never fail a generation because of it
-            logger.warning("could not write state file %s: %s", self.path, exc)
+            self._warn(f"could not write state file {self.path}: {exc}")
+
+    # --- requests and quota
 
     def record_request(self, now: float | None = None) -> None:
-        with self._lock:
-            self.request_times.append(time.time() if now is None else now)
-            del self.request_times[:-_MAX_TIMES]
-            self._save()
+        """Count one request (a `route` or `generate` call) at ``now``."""
+        now = time.time() if now is None else float(now)
+        with self.transaction():
+            hour = int(now // 3600)
+            self.request_counts[hour] = self.request_counts.get(hour, 0) + 1
+            oldest = int((now - self.keep_s) // 3600)
+            for h in [h for h in self.request_counts if h < oldest]:
+                del self.request_counts[h]
+            if not self.first_request_unix or now < self.first_request_unix:
+                self.first_request_unix = now
+            self.requests_total += 1
+            self._dirty = True
 
     def set_quota(self, quota: QuotaInfo, now: float | None = None) -> None:
-        with self._lock:
+        with self.transaction():
             quota.observed_unix = time.time() if now is None else now
+            if self.quota is not None and self.quota.observed_unix > quota.observed_unix:
+                return  # another process saw a newer one
             self.quota = quota
             if quota.remaining > 0:
                 self.exhausted_until = 0.0
             else:  # the last unit is spent: stop asking until the period ends
                 self.exhausted_until = exhaustion_end(quota.period_end_unix, quota.observed_unix)
-            self._save()
+            self._dirty = True
 
     def mark_exhausted(self, until: float) -> None:
-        with self._lock:
+        with self.transaction():
             self.exhausted_until = until
             if self.quota is not None:
                 self.quota.remaining = 0
                 self.quota.used = max(self.quota.used, self.quota.limit)
-            self._save()
+            self._dirty = True
 
     def is_exhausted(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) < self.exhausted_until
 
     def request_rate(
-        self, now: float, window_s: float, min_requests: int, min_span_s: float = 3600.0
+        self, now: float, window_s: float, min_requests: int, min_span_s: float = 86400.0
     ) -> float | None:
-        """Requests per second over the window, or None while too few requests were seen.
+        """The device's long-run request rate (per second), or None while fewer than ``min_requests``
+        requests fall in the window.
 
-        The observed span counts as at least ``min_span_s``, so a burst of requests (a demo, a batch job)
-        is not extrapolated to the whole period."""
-        times = [t for t in self.request_times if now - window_s <= t <= now]
-        if len(times) < max(min_requests, 2):
+        Requests of the last ``window_s`` divided by the time observed (since the first request, at most
+        the window), where the time observed counts as at least ``min_span_s``: a burst (a demo, a batch job)
+        on a young device is not extrapolated to the whole period."""
+        start = now - window_s
+        n = sum(c for h, c in self.request_counts.items() if (h + 1) * 3600 > start and h * 3600 <= now)
+        if n < max(min_requests, 2):
             return None
-        span = max(now - times[0], min_span_s)
-        return len(times) / span if span > 0 else None
+        observed = now - max(self.first_request_unix, start)
+        span = max(observed, min_span_s)
+        return n / span if span > 0 else None
+
+    # --- online calibration
+
+    def calibration_window(self, key: str) -> tuple[list[float], float]:
+        """(PRS^ values routed, oldest first; rate error owed) of the router ``key``."""
+        entry = self.calibration.get(key)
+        return (entry["prs"], entry["error"]) if entry else ([], 0.0)
+
+    def observe_prs(self, key: str, prs: float, error: float, window: int) -> None:
+        """Append one routed PRS^ to router ``key``'s window (the last ``window`` kept), store its error."""
+        with self.transaction():
+            entry = self.calibration.pop(key, None) or {"prs": [], "error": 0.0}
+            entry["prs"].append(float(prs))
+            del entry["prs"][:-window]
+            entry["error"] = float(error)
+            self.calibration[key] = entry  # most recently used last
+            for old in list(self.calibration)[:-_MAX_ROUTERS]:
+                del self.calibration[old]
+            self._dirty = True
+
+
+def router_key(routing: dict[str, Any]) -> str:
+    """Which router a calibration window belongs to: a digest of its routing.json."""
+    return hashlib.sha256(json.dumps(routing, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def window_quantile(sorted_prs: Sequence[float], rate: float) -> float:
+    """alpha with a ``rate`` share of the (sorted) window below it: halfway between the neighbouring values,
+    so exactly round(rate * n) values lie below. rate 0: 0 (PRS^ is never negative); rate 1: above all."""
+    n = len(sorted_prs)
+    if rate <= 0.0:
+        return 0.0
+    if rate >= 1.0:
+        return math.nextafter(max(sorted_prs[-1], 1.0), math.inf)
+    pos = min(max(rate * n - 0.5, 0.0), n - 1.0)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    return sorted_prs[lo] + (pos - lo) * (sorted_prs[hi] - sorted_prs[lo])
 
 
 @dataclass
@@ -257,10 +449,13 @@ class Decision:
     paced_rate: float | None  # rho_t = min(rho_r, R/M) actually used (== target_rate without pacing)
     expected_requests: float | None = None  # M, when pacing had an estimate
     details: dict[str, Any] = field(default_factory=dict)  # extra facts for the decision log
+    wanted_cloud: bool | None = None  # the router's own wish (None: forced or local-only, router not asked)
+    calibration: str = "static"  # how alpha was found: "online" | "static"
+    observed: int = 0  # PRS^ values in the online calibration window when deciding
 
 
 class RoutingPolicy:
-    """Pure decision logic over PRS^, the calibration table, the pacing state and the overrides."""
+    """Decision logic over PRS^, the calibration (table or online), the pacing state and the overrides."""
 
     def __init__(
         self,
@@ -270,7 +465,9 @@ class RoutingPolicy:
         pacing: bool = True,
         pacing_window_s: float = 7 * 86400.0,
         pacing_min_requests: int = 5,
-        pacing_min_span_s: float = 3600.0,
+        pacing_min_span_s: float | None = None,
+        calibration: str = "online",
+        calibration_window: int = DEFAULT_WINDOW,
         local_only: LocalOnlyRules | None = None,
         state: DeviceState | None = None,
         rng: random.Random | None = None,
@@ -281,6 +478,10 @@ class RoutingPolicy:
             target_cloud_rate = routing.get("target_rate")
         if target_cloud_rate is not None and not (0.0 <= float(target_cloud_rate) <= 1.0):
             raise UsageError(f"target_cloud_rate={target_cloud_rate!r}: must be in [0, 1]")
+        if calibration not in CALIBRATIONS:
+            raise UsageError(f"calibration={calibration!r}: must be one of {', '.join(CALIBRATIONS)}")
+        if not isinstance(calibration_window, int) or calibration_window < 1:
+            raise UsageError(f"calibration_window={calibration_window!r}: must be an integer >= 1")
         self.target_rate = None if target_cloud_rate is None else float(target_cloud_rate)
         self.default_alpha = (
             None if routing is None or routing.get("alpha") is None else float(routing["alpha"])
@@ -289,6 +490,9 @@ class RoutingPolicy:
         self.pacing_window_s = pacing_window_s
         self.pacing_min_requests = pacing_min_requests
         self.pacing_min_span_s = pacing_min_span_s
+        self.calibration = calibration
+        self.calibration_window = calibration_window
+        self.router_key = router_key(routing) if routing is not None else None
         self.local_only = local_only or LocalOnlyRules()
         self.state = state or DeviceState(None)
         self._rng = rng or random.Random()
@@ -301,15 +505,40 @@ class RoutingPolicy:
         q = self.state.quota
         if q is None or q.period_end_unix <= 0 or not q.current(now):
             return rho, None  # no period end known (or stale quota): nothing to pace against
-        rate = self.state.request_rate(
-            now, self.pacing_window_s, self.pacing_min_requests, self.pacing_min_span_s
-        )
+        min_span = self.pacing_min_span_s
+        if min_span is None:  # a burst is not a trend: the rate spans at least one period (or the window)
+            min_span = min(PERIOD_SECONDS.get(q.period, 86400.0), self.pacing_window_s)
+        rate = self.state.request_rate(now, self.pacing_window_s, self.pacing_min_requests, min_span)
         if rate is None:
             return rho, None
         m = rate * (q.period_end_unix - now)
         if m <= 0:
             return rho, m
         return min(rho, q.remaining / m), m
+
+    def alpha_for(self, rate: float | None) -> tuple[float | None, float, int]:
+        """(alpha, keep, observed) for a cloud rate: the table's answer, blended into the online one.
+
+        Online: alpha is the quantile of the router's recent PRS^ values (the window) at ``rate`` plus the
+        rate error still owed divided by `PAYBACK_PROMPTS` (so the long-run rate matches, not only its
+        expectation), weighted by n / `WARMUP` against the table's alpha until `WARMUP` values are seen."""
+        if rate is None:
+            return self.default_alpha, 1.0, 0
+        a_tab, keep = self.table.alpha(rate) if self.table is not None else (self.default_alpha, 1.0)
+        if self.calibration != "online" or self.router_key is None:
+            return a_tab, keep, 0
+        prs, error = self.state.calibration_window(self.router_key)
+        n = len(prs)
+        if n == 0:
+            return a_tab, keep, 0
+        level = min(max(rate + max(-MAX_PAYBACK, min(MAX_PAYBACK, error / PAYBACK_PROMPTS)), 0.0), 1.0)
+        if rate <= 0.0:
+            level = 0.0  # a zero target is exact: nothing goes to the cloud
+        a_win = window_quantile(sorted(prs), level)
+        w = min(1.0, n / min(WARMUP, self.calibration_window))
+        if a_tab is None or w >= 1.0:
+            return a_win, 1.0, n
+        return (1.0 - w) * a_tab + w * a_win, (1.0 - w) * keep + w, n
 
     def decide(
         self,
@@ -320,42 +549,69 @@ class RoutingPolicy:
         local_only: bool = False,
         cloud_configured: bool = True,
         cloud_open: bool = True,
+        cloud_allowed: bool = True,
         now: float | None = None,
     ) -> Decision:
-        """Decide edge or cloud. ``cloud_open`` False: the circuit breaker is open (cloud known down)."""
+        """Decide edge or cloud. ``cloud_open`` False: the circuit breaker is open (cloud known down).
+        ``cloud_allowed`` False: the caller's model list leaves the cloud out (reason "forced").
+        Pure: nothing is recorded (`route` records)."""
         if force is not None and force not in ROUTES:
             raise UsageError(f"force={force!r}: must be one of 'edge', 'cloud' or None")
         now = time.time() if now is None else now
         exhausted = self.state.is_exhausted(now)
         # with the quota spent, pacing says 0; decide with rho_r so the reason can say quota_exhausted
         rho_t, m = (self.target_rate, None) if exhausted else self.paced_rate(now)
-        alpha, keep = (None, 1.0)
-        if self.table is not None and rho_t is not None:
-            alpha, keep = self.table.alpha(rho_t)
-        elif self.default_alpha is not None:
-            alpha = self.default_alpha
+        alpha, keep, observed = self.alpha_for(rho_t)
+        calibration = "online" if observed else "static"
 
-        def make(route: str, reason: str, **details: Any) -> Decision:
-            return Decision(route, reason, prs, alpha, self.target_rate, rho_t, m, details)
+        def make(route: str, reason: str, wish: bool | None = None, **details: Any) -> Decision:
+            return Decision(
+                route, reason, prs, alpha, self.target_rate, rho_t, m, details, wish, calibration, observed
+            )
 
         if local_only or self.local_only.matches(prompt):
             return make("edge", "local_only", per_call=bool(local_only))
-        if force == "edge":
+        if force == "edge" or not cloud_allowed:
             return make("edge", "forced")
+        wanted: bool | None = None
         if force == "cloud":
-            want_cloud, reason = True, "forced"
+            reason = "forced"
         else:
             if prs is None or alpha is None:
                 raise UsageError("no router bundle configured: pass router=... or force='edge'|'cloud'")
-            want_cloud = prs < alpha and (keep >= 1.0 or self._rng.random() < keep)
+            wanted = prs < alpha and (keep >= 1.0 or self._rng.random() < keep)
             reason = "router"
-            if not want_cloud:
-                return make("edge", "router")
+            if not wanted:
+                return make("edge", "router", wanted)
         # the route wanted is the cloud
         if exhausted:
-            return make("edge", "quota_exhausted", wanted=reason, until=self.state.exhausted_until)
+            return make("edge", "quota_exhausted", wanted, wanted=reason, until=self.state.exhausted_until)
         if not cloud_configured:
-            return make("edge", "cloud_unavailable", wanted=reason, cause="no cloud endpoint configured")
+            return make(
+                "edge", "cloud_unavailable", wanted, wanted=reason, cause="no cloud endpoint configured"
+            )
         if not cloud_open:
-            return make("edge", "cloud_unavailable", wanted=reason, cause="circuit breaker open")
-        return make("cloud", reason)
+            return make("edge", "cloud_unavailable", wanted, wanted=reason, cause="circuit breaker open")
+        return make("cloud", reason, wanted)
+
+    def observe(self, decision: Decision) -> None:
+        """Online calibration: add a router decision's PRS^ to the window and its rate error to the debt."""
+        if self.calibration != "online" or self.router_key is None or decision.wanted_cloud is None:
+            return
+        if decision.prs is None or not math.isfinite(decision.prs) or decision.paced_rate is None:
+            return
+        with self.state.transaction():
+            prs, error = self.state.calibration_window(self.router_key)
+            weight = min(1.0, len(prs) / min(WARMUP, self.calibration_window))  # no debt for the table's
+            error = LEAK * error + weight * (decision.paced_rate - float(decision.wanted_cloud))
+            self.state.observe_prs(self.router_key, decision.prs, error, self.calibration_window)
+
+    def route(self, prompt: str, prs: float | None, *, now: float | None = None, **kwargs: Any) -> Decision:
+        """`decide`, counting the request for pacing and the PRS^ for calibration, as one transaction of
+        the state (so processes sharing the state file see each other's requests in order)."""
+        now = time.time() if now is None else now
+        with self.state.transaction():
+            self.state.record_request(now)
+            decision = self.decide(prompt, prs, now=now, **kwargs)
+            self.observe(decision)
+        return decision

@@ -23,11 +23,12 @@ def test_demo_builds_once_routes_and_reports(tiny_models, tmp_path, capsys, monk
     )
     text = capsys.readouterr().out
     lines = text.splitlines()
-    assert lines[0].split() == ["prompt", "PRS^", "alpha", "route", "reason", "seconds"]
+    assert lines[0].split() == ["prompt", "PRS^", "alpha", "paced", "route", "reason", "seconds"]
     rows = [ln for ln in lines if ln.startswith(("a red fox", "three astronauts"))]
     assert len(rows) == 2
     for row in rows:
-        prs, alpha, route, reason, seconds = row.split()[-5:]
+        prs, alpha, paced, route, reason, seconds = row.split()[-6:]
+        assert float(paced) == 0.5  # the demo's target; its quota of 1000 is far from running out
         assert 0.0 <= float(prs) <= 1.0 and 0.0 <= float(alpha) <= 0.5
         gap = float(prs) - float(alpha)  # printed with 4 decimals: decide only away from the tie
         if abs(gap) > 1e-4:

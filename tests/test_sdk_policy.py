@@ -31,7 +31,13 @@ def test_calibration_steps_down_and_thins_below_first_row():
 
 
 def test_router_decision_and_overrides():
-    p = RoutingPolicy(ROUTING, 0.3, pacing=False, local_only=LocalOnlyRules([r"\d{3}-\d{4}"], ["passport"]))
+    p = RoutingPolicy(
+        ROUTING,
+        0.3,
+        pacing=False,
+        calibration="static",
+        local_only=LocalOnlyRules([r"\d{3}-\d{4}"], ["passport"]),
+    )
     assert p.decide("a fox", 0.39).route == "cloud"
     d = p.decide("a fox", 0.41)
     assert (d.route, d.reason, d.alpha) == ("edge", "router", 0.4)
@@ -51,48 +57,115 @@ def test_router_decision_and_overrides():
         p.decide("a fox", 0.1, force="gpu")
 
 
-def test_pacing_targets_remaining_over_expected(tmp_path):
-    now = 1_000_000.0
+DAY = 86400.0
+NOW = 1_800_000_000.0
+
+
+def _quota(remaining, seconds_left, limit=100, period="day"):
+    return QuotaInfo(
+        limit=limit,
+        used=limit - remaining,
+        remaining=remaining,
+        period=period,
+        period_end_unix=int(NOW + seconds_left),
+    )
+
+
+def _history(state, per_day, days, end=NOW):
+    """``per_day`` evenly spaced requests a day over the ``days`` before ``end`` (a simulated clock)."""
+    n = int(per_day * days)
+    for i in range(n):
+        state.record_request(end - days * DAY + (i + 0.5) * days * DAY / n)
+
+
+def test_pacing_targets_remaining_over_expected_at_the_long_run_rate(tmp_path):
     state = DeviceState(tmp_path / "s.json")
-    for i in range(10):  # one request every 1000 s
-        state.record_request(now - 10000 + 1000 * i)
-    # 20 units left, period ends in 100000 s -> M = 10/10000*100000 = 100 requests, R/M = 0.2 -> row 0.1
-    state.set_quota(
-        QuotaInfo(limit=50, used=30, remaining=20, period="day", period_end_unix=int(now) + 100000)
+    _history(state, 100, 8)  # a week and a day at 100 requests a day: 100 a day in the 7-day window
+    state.set_quota(_quota(20, DAY / 2))
+    p = RoutingPolicy(ROUTING, 0.3, state=state, calibration="static")
+    rho, m = p.paced_rate(NOW)
+    assert m == pytest.approx(50.0, rel=0.02)  # 100 a day for half a day
+    assert rho == pytest.approx(0.3)  # 20/50 = 0.4 covers the target
+    greedy = RoutingPolicy(ROUTING, 0.9, state=state, calibration="static")
+    assert greedy.paced_rate(NOW)[0] == pytest.approx(0.4, rel=0.02)  # the quota really runs short
+    state.set_quota(_quota(10, DAY / 2))
+    d = p.decide("a fox", 0.31, now=NOW)  # paced 0.2 -> table row 0.1 (alpha 0.2): 0.31 stays on the edge
+    assert (d.route, d.alpha, d.paced_rate) == ("edge", 0.2, pytest.approx(0.2, rel=0.02))
+    assert (
+        RoutingPolicy(ROUTING, 0.3, state=state, pacing=False).decide("a fox", 0.31, now=NOW).route == "cloud"
     )
-    p = RoutingPolicy(ROUTING, 0.3, state=state)
-    PolicyNoPacing = RoutingPolicy(ROUTING, 0.3, state=state, pacing=False)  # noqa: N806
-    rho, m = p.paced_rate(now)
-    assert m == pytest.approx(100.0)
-    assert rho == pytest.approx(0.2)
-    d = p.decide("a fox", 0.31, now=now)  # alpha(0.2) = 0.2: 0.31 stays on the edge
-    assert (d.route, d.alpha, d.paced_rate) == ("edge", 0.2, pytest.approx(0.2))
-    assert p.decide("a fox", 0.31, now=now, force=None).reason == "router"
-    assert PolicyNoPacing.decide("a fox", 0.31, now=now).route == "cloud"  # unpaced alpha 0.4
-    # plenty of quota: the configured rate wins
-    state.set_quota(
-        QuotaInfo(limit=500, used=0, remaining=500, period="day", period_end_unix=int(now) + 10000)
-    )
-    assert p.paced_rate(now)[0] == 0.3
-    # the state survives a restart
-    again = DeviceState(tmp_path / "s.json")
-    assert len(again.request_times) == 10 and again.quota.remaining == 500
-    # a burst: 10 requests in the last 10 s count as 10 per hour (min span), not 1 per second
-    burst = DeviceState(None)
-    for i in range(10):
-        burst.record_request(now - 10 + i)
-    burst.set_quota(
-        QuotaInfo(limit=50, used=30, remaining=20, period="day", period_end_unix=int(now) + 36000)
-    )
-    paced = RoutingPolicy(ROUTING, 0.3, state=burst)
-    assert paced.paced_rate(now)[1] == pytest.approx(100.0)  # 10/3600 per s * 36000 s
-    assert paced.paced_rate(now)[0] == pytest.approx(0.2)
+    again = DeviceState(tmp_path / "s.json")  # the state survives a restart
+    assert again.requests_total == 800 and again.quota.remaining == 10
+    assert again.request_rate(NOW, 7 * DAY, 5) == pytest.approx(state.request_rate(NOW, 7 * DAY, 5))
+
+
+def test_a_burst_does_not_cut_the_paced_rate():
+    # the issue's case: a fresh device, 50 quick requests, a 0.9 target and a daily quota of 100
+    fresh = DeviceState(None)
+    for i in range(50):
+        fresh.record_request(NOW - 60 + i)
+    fresh.set_quota(_quota(100, 20 * 3600))
+    p = RoutingPolicy(ROUTING, 0.9, state=fresh)
+    rho, m = p.paced_rate(NOW)
+    assert rho == 0.9 and m == pytest.approx(50 * 20 / 24)  # 50 a day (the period), not 50 a minute
+    # a device with a history of 20 a day and a burst of 50 on top: 60 units cover the rest of the day
+    old = DeviceState(None)
+    _history(old, 20, 7, end=NOW - 120)
+    for i in range(50):
+        old.record_request(NOW - 60 + i)
+    old.set_quota(_quota(60, DAY / 2))
+    assert RoutingPolicy(ROUTING, 0.9, state=old).paced_rate(NOW)[0] == 0.9
+    # ... but a quota that cannot cover the long-run rate is paced
+    old.set_quota(_quota(5, DAY / 2))
+    rho, m = RoutingPolicy(ROUTING, 0.9, state=old).paced_rate(NOW)
+    assert m == pytest.approx(190 / 7 / 2, rel=0.05) and rho == pytest.approx(5 / m)
+
+
+def test_idle_days_and_period_ends():
+    state = DeviceState(None)
+    _history(state, 100, 4, end=NOW - 3 * DAY)  # four busy days, then three idle ones
+    state.set_quota(_quota(10, DAY / 2))
+    p = RoutingPolicy(ROUTING, 0.9, state=state)
+    assert state.request_rate(NOW, 7 * DAY, 5) * DAY == pytest.approx(400 / 7, rel=0.02)
+    assert p.paced_rate(NOW)[1] == pytest.approx(400 / 7 / 2, rel=0.02)
+    # eight idle days: nothing left in the window, nothing to pace against
+    later = NOW + 8 * DAY
+    state.set_quota(QuotaInfo(100, 90, 10, "day", int(later + DAY / 2)), now=later)
+    assert p.paced_rate(later) == (0.9, None)
+    # a passed period end: the quota is stale, the target rate holds until the cloud reports again
+    state.quota = _quota(1, DAY / 2)
+    assert p.paced_rate(NOW + DAY) == (0.9, None)
+    # the last minutes of a period with units to spare: no cut
+    assert p.paced_rate(NOW + DAY / 2 - 60)[0] == 0.9
     # too few requests seen: no pacing
     fresh = RoutingPolicy(ROUTING, 0.3, state=DeviceState(None))
-    fresh.state.set_quota(
-        QuotaInfo(limit=5, used=4, remaining=1, period="day", period_end_unix=int(now) + 10000)
-    )
-    assert fresh.paced_rate(now) == (0.3, None)
+    fresh.state.set_quota(_quota(1, 10000))
+    assert fresh.paced_rate(NOW) == (0.3, None)
+
+
+def test_a_quota_that_really_runs_out_lasts_the_period():
+    """Simulated day: 100 requests a day, 10 units left for the last half day, target 0.9. Pacing spends
+    them over the half day instead of in the first dozen requests."""
+    rng = random.Random(0)
+    state = DeviceState(None)
+    _history(state, 100, 7)
+    remaining, end = 10, NOW + DAY / 2
+    state.set_quota(QuotaInfo(100, 90, remaining, "day", int(end)), now=NOW)
+    p = RoutingPolicy(ROUTING, 0.9, state=state, rng=rng)
+    spent_at = []
+    t = NOW
+    while t < end:
+        d = p.route("a fox", rng.random(), now=t)
+        if d.route == "cloud":
+            remaining -= 1
+            spent_at.append(t)
+            state.set_quota(QuotaInfo(100, 100 - remaining, remaining, "day", int(end)), now=t)
+        t += DAY / 100
+    assert 6 <= len(spent_at) <= 10
+    assert spent_at[-1] > NOW + 0.35 * DAY  # units still spent late in the period
+    unpaced = RoutingPolicy(ROUTING, 0.9, state=DeviceState(None), pacing=False, rng=random.Random(0))
+    wanted = [unpaced.decide("a fox", random.Random(i).random(), now=NOW).route for i in range(30)]
+    assert wanted.count("cloud") >= 10  # unpaced, the 10 units would be gone within the first 30 of 50
 
 
 def test_exhausted_quota_is_remembered_until_period_end(tmp_path):
@@ -121,7 +194,9 @@ def test_remembered_quota_belongs_to_one_cloud_account(tmp_path):
     assert DeviceState(path, cloud_key="account-a").is_exhausted(now + 10)
     b = DeviceState(path, cloud_key="account-b")
     assert not b.is_exhausted(now + 10) and b.quota is None
-    assert b.request_times == [now - 5]  # the device's own request rate is kept
+    assert b.requests_total == 1 and b.first_request_unix == now - 5  # the device's own rate is kept
+    b.record_request(now)  # ... and recording it keeps account a's quota in the file
+    assert DeviceState(path, cloud_key="account-a").is_exhausted(now + 10)
 
 
 def test_edge_client_keys_its_state_by_endpoint_and_token(tmp_path):
@@ -152,10 +227,11 @@ def test_state_file_is_written_atomically_and_corrupt_file_tolerated(tmp_path):
     path = tmp_path / "state.json"
     path.write_text("{not json")
     s = DeviceState(path)
-    assert s.request_times == []
+    assert s.requests_total == 0
     s.record_request(5.0)
-    assert json.loads(path.read_text())["request_times"] == [5.0]
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left behind
+    assert json.loads(path.read_text())["request_counts"] == {"0": 1}
+    # no temp file left behind (the lock file stays: removing it would race with other processes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.lock"]
 
 
 def test_decision_log_omits_prompt_unless_enabled(tmp_path):
