@@ -155,6 +155,10 @@ def environment(device_arg: str) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         env["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
                       "capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count}  # fmt: skip
+    if env["cuda_available"]:  # a cuDNN convolution loads cuDNN/cuBLAS into the process for ONNX Runtime too
+        x = torch.ones((1, 4, 8, 8), device="cuda")
+        torch.nn.functional.conv2d(x, torch.ones((4, 4, 3, 3), device="cuda"))
+        torch.cuda.synchronize()
     import onnxruntime as ort
 
     if hasattr(ort, "preload_dlls") and env["cuda_available"]:
