@@ -1,6 +1,7 @@
 """`routet2i-cloud`: serve an SD3 pipeline over gRPC and administer devices and quotas.
 
-    routet2i-cloud serve --pipeline P --listen HOST:PORT --db URL [--max-batch N] [--tls-cert F --tls-key F]
+    routet2i-cloud serve --pipeline P --listen HOST:PORT --db URL [--create-db] [--max-batch N]
+                         [--tls-cert F --tls-key F] [--instance-id ID]
     routet2i-cloud device add --db URL --device-id ID --quota N --period day|month|total [--json]
     routet2i-cloud device show --db URL --device-id ID [--json]
     routet2i-cloud device list --db URL [--json]
@@ -8,7 +9,9 @@
 
 P is a diffusers SD3 folder, a Hugging Face id, or `noop` (no model; for tests and benchmarks).
 URL is sqlite:///PATH.db (default: $ROUTET2I_CLOUD_DB or sqlite:///routet2i-cloud.db) or postgresql://...
-Bad arguments print one line and exit 2. Log level: --log-level or $ROUTET2I_LOG_LEVEL.
+Only `device add` (and `serve --create-db`) creates a store; every other command refuses a missing one.
+Bad arguments print one line and exit 2; database passwords are never printed or logged.
+Log level: --log-level or $ROUTET2I_LOG_LEVEL.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -54,6 +58,23 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _quota(text: str) -> int:
+    v = _nonneg_int(text)
+    if v > 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is above the largest quota, 2**63-1")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return v
+
+
 def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=os.environ.get("ROUTET2I_CLOUD_DB", DEFAULT_DB),
                    help="quota store: sqlite:///PATH.db or postgresql://USER@HOST:PORT/DB (default: %(default)s)")  # fmt: skip
@@ -82,19 +103,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-size", type=_positive_int, default=2048, help="largest width/height accepted")
     s.add_argument("--max-guidance", type=float, default=30.0)
     s.add_argument("--max-prompt-chars", type=_positive_int, default=2000)
-    s.add_argument("--reservation-ttl", type=float, default=900.0,
-                   help="seconds after which an uncommitted quota reservation stops counting")  # fmt: skip
+    s.add_argument(
+        "--create-db",
+        action="store_true",
+        help="create the quota store if --db has none yet (default: refuse a missing store)",
+    )
+    s.add_argument(
+        "--reservation-ttl",
+        type=float,
+        default=900.0,
+        help="longest life of an uncommitted quota reservation (requests without a deadline)",
+    )
+    s.add_argument(
+        "--reservation-margin",
+        type=_nonneg_float,
+        default=30.0,
+        help="a reservation lives until its request's deadline plus this many seconds",
+    )
+    s.add_argument(
+        "--idempotency-ttl",
+        type=_nonneg_float,
+        default=86400.0,
+        help="seconds a charged request_id can be retried without a new charge (never past "
+        "the end of its quota period)",
+    )
+    s.add_argument("--instance-id",
+                   help="this server's identity in the quota ledger; a restart with the same id frees what "
+                        "its killed predecessor held (default: HOSTNAME:PORT for a fixed port, else random)")  # fmt: skip
     s.add_argument("--max-concurrent-rpcs", type=_positive_int, help="gRPC refuses more (RESOURCE_EXHAUSTED)")
     s.add_argument("--max-receive-bytes", type=_positive_int, default=1 << 20, help="largest request message")
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS)")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     s.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mTLS)")
     s.add_argument("--metrics-port", type=_nonneg_int, help="serve Prometheus /metrics on this port")
-    s.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+    s.add_argument("--grace", type=_nonneg_float, default=10.0,
+                   help="seconds in-flight requests get at shutdown")  # fmt: skip
     s.add_argument("--device", help="torch device (default: cuda, then mps, then cpu)")
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on GPU")
     s.add_argument("--torch-threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
-    s.add_argument("--noop-step-delay", type=float, default=0.0, help="seconds per step of the noop pipeline")
+    s.add_argument("--noop-step-delay", type=_nonneg_float, default=0.0,
+                   help="seconds per step of the noop pipeline")  # fmt: skip
 
     device = sub.add_parser("device", help="devices and quotas")
     dsub = device.add_subparsers(dest="device_command", metavar="SUBCOMMAND", parser_class=_Parser)
@@ -102,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = dsub.add_parser("add", help="add a device and print its bearer token (shown only once)")
     _add_db(a)
     a.add_argument("--device-id", required=True)
-    a.add_argument("--quota", type=_nonneg_int, required=True, help="units (images) per period")
+    a.add_argument("--quota", type=_quota, required=True, help="units (images) per period")
     a.add_argument("--period", choices=PERIODS, required=True)
     a.add_argument("--json", action="store_true", help='print {"device_id": ..., "token": ...}')
     sh = dsub.add_parser("show", help="a device's quota and usage in its current period")
@@ -115,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     sq = dsub.add_parser("set-quota", help="change a device's limit and/or period")
     _add_db(sq)
     sq.add_argument("--device-id", required=True)
-    sq.add_argument("--quota", type=_nonneg_int)
+    sq.add_argument("--quota", type=_quota)
     sq.add_argument("--period", choices=PERIODS)
     sq.add_argument("--json", action="store_true")
     return parser
@@ -135,7 +183,7 @@ def _print_snapshot(snap: Any) -> None:
 def _device(args: argparse.Namespace) -> int:
     from routet2i.cloud_server.store import open_store
 
-    with open_store(args.db) as store:
+    with open_store(args.db, create=args.device_command == "add") as store:
         if args.device_command == "add":
             token = store.add_device(args.device_id, quota=args.quota, period=args.period)
             if args.json:
@@ -177,7 +225,8 @@ def _serve(args: argparse.Namespace) -> int:
         default_guidance=args.default_guidance, max_steps=args.max_steps, max_guidance=args.max_guidance,
         max_size=args.max_size, max_prompt_chars=args.max_prompt_chars, max_batch=args.max_batch,
         batch_window_s=args.batch_window_ms / 1000.0, max_queue=args.max_queue,
-        reservation_ttl_s=args.reservation_ttl,
+        reservation_ttl_s=args.reservation_ttl, reservation_margin_s=args.reservation_margin,
+        idempotency_s=args.idempotency_ttl, instance_id=args.instance_id or "",
     )  # fmt: skip
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
 
@@ -189,6 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
         server, port = await create_server(
             args.db, loader, args.listen, config=config, tls=tls, metrics_port=args.metrics_port,
             max_receive_message_bytes=args.max_receive_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
+            create_store=args.create_db,
         )  # fmt: skip
         print(f"routet2i-cloud: serving on port {port}", flush=True)
         stop = asyncio.Event()
@@ -212,11 +262,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from routet2i.cloud_server.safe_text import RedactingFormatter, redact
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    import sqlite3
+
     from routet2i._errors import UsageError
     from routet2i.cloud_server.errors import CloudError
 
-    expected: tuple[type[BaseException], ...] = (UsageError, ValueError, OSError, KeyError, CloudError)
+    expected: tuple[type[BaseException], ...] = (
+        UsageError, ValueError, OSError, KeyError, CloudError, sqlite3.Error, OverflowError,
+    )  # fmt: skip
     try:
         import psycopg
 
@@ -226,8 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _device(args) if args.command == "device" else _serve(args)
     except expected as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"routet2i-cloud {args.command}: error: {msg}", file=sys.stderr)
+        text = getattr(e, "detail", None) or str(e)  # StoreUnavailable: the admin-side detail
+        msg = text.splitlines()[0] if text.strip() else type(e).__name__
+        print(f"routet2i-cloud {args.command}: error: {redact(msg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -6,16 +6,20 @@ are safe to show a client.
 
 Charging rule: one unit per successful generation. A unit is reserved before the request is queued,
 committed after the image is encoded, and released on every other outcome (bad pipeline call, cancelled,
-deadline, shed, shutdown). A request_id already committed is re-generated with its first seed and not
-charged again (see `store.py`).
+deadline, shed, shutdown). The reservation is bound to `request_binding` (every parameter that shapes the
+image, with server defaults applied and the model the server will use) and the seed: an exact retry of a
+committed request_id is re-generated with its first seed and not charged again; the same id with other
+parameters is `RequestIdReused` and never generates (see `store.py`). A reservation lives until the
+request's deadline plus `reservation_margin_s` (at most `reservation_ttl_s`) and is owned by this server's
+instance id, so a restarted server frees what its killed predecessor held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
-import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -26,7 +30,8 @@ from routet2i.cloud_server.batcher import Batcher, Job, encode_png
 from routet2i.cloud_server.errors import InvalidArgument, NotReady, QuotaExhausted, Unauthenticated
 from routet2i.cloud_server.metrics import Metrics
 from routet2i.cloud_server.pipelines import GenParams, Pipeline
-from routet2i.cloud_server.store import Device, QuotaSnapshot, QuotaStore, Reservation
+from routet2i.cloud_server.safe_text import clip
+from routet2i.cloud_server.store import IDEMPOTENCY_S, Device, QuotaSnapshot, QuotaStore, Reservation
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +52,13 @@ class ServerConfig:
     max_batch: int = 4  # most requests per pipeline call
     batch_window_s: float = 0.02  # how long the batcher waits for compatible requests to join
     max_queue: int = 64  # requests waiting beyond this are refused at once (load shedding)
-    reservation_ttl_s: float = 900.0  # a reservation not committed by then stops counting (crash safety)
+    reservation_ttl_s: float = 900.0  # longest life of a reservation (requests without a deadline)
+    reservation_margin_s: float = 30.0  # a reservation lives until the request's deadline plus this
+    idempotency_s: float = (
+        IDEMPOTENCY_S  # a committed request_id may be replayed this long (within its period)
+    )
+    purge_interval_s: float = 600.0  # how often dead ledger rows are deleted
+    instance_id: str = ""  # this server's identity in the ledger ("": create_server derives one)
 
     def __post_init__(self) -> None:
         for name in ("default_width", "default_height"):
@@ -57,12 +68,16 @@ class ServerConfig:
                      "max_batch", "max_queue"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("default_guidance", "max_guidance", "batch_window_s", "reservation_ttl_s"):
+        for name in ("default_guidance", "max_guidance", "batch_window_s", "reservation_ttl_s",
+                     "reservation_margin_s", "idempotency_s", "purge_interval_s"):  # fmt: skip
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}={v} must be a finite number >= 0")
-        if self.reservation_ttl_s == 0:
-            raise ValueError("reservation_ttl_s=0 must be > 0")
+        for name in ("reservation_ttl_s", "purge_interval_s"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name}=0 must be > 0")
+        if len(self.instance_id) > 200 or any(not ch.isprintable() for ch in self.instance_id):
+            raise ValueError("instance_id must be at most 200 printable characters")
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps={self.default_steps} is above max_steps={self.max_steps}")
         if self.default_guidance > self.max_guidance:
@@ -137,6 +152,23 @@ def validate(req: GenerateInput, cfg: ServerConfig, pipeline: Pipeline) -> GenPa
     return GenParams(req.prompt, req.negative_prompt, sizes["width"], sizes["height"], steps, guidance, seed)
 
 
+def request_binding(model: str, params: GenParams) -> bytes:
+    """The canonical encoding of every parameter that shapes the image but the seed: the model the server
+    will use and the request's values after server defaults. The ledger binds a request_id to a digest of
+    this plus the seed (`store.binding_digest`)."""
+    fields = {
+        "v": 1,
+        "model": model,
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt,
+        "width": params.width,
+        "height": params.height,
+        "steps": params.steps,
+        "guidance": float(params.guidance),
+    }
+    return json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 class CloudCore:
     """One endpoint's state: the store, the pipeline (loaded later if given as a loader) and the batcher."""
 
@@ -146,10 +178,14 @@ class CloudCore:
         pipeline: Pipeline | Callable[[], Pipeline],
         config: ServerConfig | None = None,
         metrics: Metrics | None = None,
+        instance_id: str | None = None,
     ) -> None:
         self.store = store
         self.config = config or ServerConfig()
         self.metrics = metrics or Metrics()
+        # who holds this server's reservations in the ledger; a random one is never reused by a restart
+        self.instance_id = instance_id or self.config.instance_id or f"anon-{uuid.uuid4().hex[:16]}"
+        self._purger: asyncio.Task | None = None
         self._pipeline_or_loader = pipeline
         self.pipeline: Pipeline | None = None
         self.batcher: Batcher | None = None
@@ -161,7 +197,15 @@ class CloudCore:
         return self.batcher is not None and not self._shutting_down
 
     async def start(self) -> None:
-        """Load the pipeline (in a thread: the server already answers health NOT_SERVING) and start batching."""
+        """Free what a killed predecessor with this instance id still holds, load the pipeline (in a thread:
+        the server already answers health NOT_SERVING) and start batching."""
+        n_res, n_leases = await asyncio.to_thread(self.store.release_owner, self.instance_id)
+        if n_res or n_leases:
+            logger.warning(
+                "released %d reservation(s) and %d replay lease(s) left by a previous run of instance %s",
+                n_res, n_leases, clip(self.instance_id),
+            )  # fmt: skip
+        self._purger = asyncio.ensure_future(self._purge_loop())
         p = self._pipeline_or_loader
         pipeline = p if hasattr(p, "generate") else await asyncio.to_thread(p)  # type: ignore[operator]
         self.pipeline = pipeline  # type: ignore[assignment]
@@ -169,6 +213,24 @@ class CloudCore:
         self.batcher = Batcher(pipeline, c.max_batch, c.max_queue, c.batch_window_s, self.metrics)  # type: ignore[arg-type]
         self.batcher.start()
         self.metrics.ready.set(1)
+
+    async def _purge_loop(self) -> None:
+        while True:
+            try:
+                n = await asyncio.to_thread(self.store.purge)
+                if n:
+                    logger.info("purged %d dead ledger row(s)", n)
+            except Exception as e:  # noqa: BLE001 - the next round tries again
+                logger.warning("ledger purge failed: %s", clip(getattr(e, "detail", None) or e))
+            await asyncio.sleep(self.config.purge_interval_s)
+
+    def reservation_ttl(self, deadline: float | None) -> float:
+        """How long a reservation made now may live: the request's deadline plus the margin, at most
+        `reservation_ttl_s` (also the whole life of a request without a deadline)."""
+        c = self.config
+        if deadline is None:
+            return c.reservation_ttl_s
+        return min(c.reservation_ttl_s, max(deadline - time.monotonic(), 0.0) + c.reservation_margin_s)
 
     async def authenticate(self, token: str | None) -> Device:
         if not token:
@@ -192,16 +254,22 @@ class CloudCore:
         filled with fields for the caller's request log line."""
         log = {} if log is None else log
         device = await self.authenticate(token)
+        # nothing of the request is logged before this point (an unauthenticated caller writes no fields)
+        request_id = req.request_id or f"srv-{uuid.uuid4().hex}"
         log["device_id"] = device.device_id
+        log["request_id"] = request_id
+        log.update({f"route_{k}": v for k, v in req.routing.items()})
+        logger.debug("prompt request_id=%s prompt=%s", clip(request_id), clip(req.prompt, 500))
         if not self.ready or self.pipeline is None or self.batcher is None:
             raise NotReady("the server is not ready (model loading or shutting down); retry later")
         params = validate(req, self.config, self.pipeline)
-        request_id = req.request_id or f"srv-{uuid.uuid4().hex}"
-        log["request_id"] = request_id
-        seed = req.seed if req.seed is not None else secrets.randbits(64)
+        binding = request_binding(self.pipeline.model_name, params)
         reserving = asyncio.ensure_future(
-            asyncio.to_thread(self.store.reserve, device, request_id, seed, self.config.reservation_ttl_s)
-        )
+            asyncio.to_thread(
+                self.store.reserve, device, request_id, req.seed, self.reservation_ttl(deadline),
+                binding=binding, owner=self.instance_id, keep_s=self.config.idempotency_s,
+            )
+        )  # fmt: skip
         try:
             res = await asyncio.shield(reserving)
         except QuotaExhausted:
@@ -210,10 +278,10 @@ class CloudCore:
         except asyncio.CancelledError:  # the reservation may still land in its thread: give it back then
             reserving.add_done_callback(self._release_when_reserved)
             raise
-        if not res.charged and req.seed is None:
-            seed = res.seed  # a replay without a seed: the first attempt's seed gives the same image
-        params = replace(params, seed=seed)
-        log["charged"] = res.charged
+        params = replace(params, seed=res.seed)  # a replay: the first attempt's seed gives the same image
+        log["charged"] = False  # True only once the charge is committed
+        if not res.charged:
+            log["replay"] = True
         key = id(res)
         self._active[key] = res
         job: Job | None = None
@@ -231,13 +299,14 @@ class CloudCore:
             raise
         finally:
             self._active.pop(key, None)
+        log["charged"] = res.charged
         snap = await asyncio.to_thread(self.store.quota, device)
         return GenerateResult(
             png,
             params.width,
             params.height,
             self.pipeline.model_name,
-            seed,
+            res.seed,
             snap,
             queue_s,
             gen_s,
@@ -258,6 +327,9 @@ class CloudCore:
     async def close(self) -> None:
         """Abort unfinished work and release every reservation it still holds."""
         self.begin_shutdown()
+        if self._purger is not None:
+            self._purger.cancel()
+            await asyncio.gather(self._purger, return_exceptions=True)
         if self.batcher is not None:
             await self.batcher.close()
         for res in list(self._active.values()):
@@ -272,9 +344,9 @@ async def _release(store: QuotaStore, res: Reservation) -> None:
         await asyncio.shield(asyncio.to_thread(store.release, res))
     except asyncio.CancelledError:
         pass
-    except Exception:
-        logger.exception(
-            "quota release failed device_id=%s request_id=%s (the reservation expires on its own)",
-            res.device_id, res.request_id,
+    except Exception as e:  # noqa: BLE001
+        logger.warning(
+            "quota release failed device_id=%s request_id=%s (the reservation expires on its own): %s",
+            res.device_id, clip(res.request_id), clip(getattr(e, "detail", None) or e),
         )  # fmt: skip
-    logger.debug("released request_id=%s in %.4fs", res.request_id, time.monotonic() - t0)
+    logger.debug("released request_id=%s in %.4fs", clip(res.request_id), time.monotonic() - t0)

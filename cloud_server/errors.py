@@ -50,6 +50,33 @@ class RequestInProgress(CloudError):
     """The same request_id of the same device is being generated right now (a concurrent retry)."""
 
 
+class RequestIdReused(InvalidArgument):
+    """A request_id already bound (reserved or charged) to other parameters: refused, nothing generated.
+
+    The charge of a request_id is bound to a digest of every parameter that shapes the image (see
+    `store.py`); only an exact retry may reuse the id."""
+
+    def __init__(self, request_id: str) -> None:
+        CloudError.__init__(
+            self,
+            f"request_id reused with different parameters: {request_id!r} was already used for another prompt, "
+            "negative prompt, size, steps, guidance, seed or model; send a new request_id for a new image",
+        )
+        self.field = "request_id"
+
+
+class StoreUnavailable(CloudError):
+    """The quota store could not be reached or written (a dropped connection after one retry, a locked or
+    broken database). The client sees only this message; `detail` (credentials redacted) is for the server
+    log and the admin CLI."""
+
+    def __init__(
+        self, message: str = "the quota store is unavailable; retry later", detail: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
 class DeadlineExceeded(CloudError):
     """The client's deadline passed before generation could start."""
 

@@ -4,12 +4,21 @@
 `google.rpc.QuotaFailure` detail (subject = device id) in the rich status (`grpc-status-details-bin`).
 Any other exception is logged here with its traceback and reaches the client as INTERNAL with a short
 reference id only.
+
+Logging: one logfmt line per RPC. An unauthenticated call logs only its method, peer, status and time;
+request fields (request_id, routing info) are added only once the token is known. Every field value is
+bounded (`safe_text.FIELD_LIMIT` characters) and escaped to one printable line.
+
+Message size: requests up to `max_receive_message_bytes` are read; a larger one (up to a transport ceiling
+of `max(16 MiB, 4 x the limit)`) is answered INVALID_ARGUMENT naming the limit without being parsed, so
+the client does not mistake it for an overloaded server (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -33,12 +42,15 @@ from routet2i.cloud_server.errors import (
     NotReady,
     Overloaded,
     QuotaExhausted,
+    RequestIdReused,
     RequestInProgress,
     ReservationLost,
+    StoreUnavailable,
     Unauthenticated,
 )
 from routet2i.cloud_server.metrics import Metrics
 from routet2i.cloud_server.pipelines import Pipeline, load_pipeline
+from routet2i.cloud_server.safe_text import clip
 from routet2i.cloud_server.store import QuotaSnapshot, QuotaStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -47,11 +59,13 @@ SERVICE_NAME = "routet2i.cloud.v1.CloudGeneration"
 
 # The one table: domain error -> gRPC status code (tests/test_cloud_status_table.py has a test per row).
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    RequestIdReused: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     QuotaExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Overloaded: grpc.StatusCode.UNAVAILABLE,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     RequestInProgress: grpc.StatusCode.ABORTED,
     ReservationLost: grpc.StatusCode.ABORTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -62,6 +76,8 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 def status_for(exc: BaseException) -> grpc.Status:
     """The status a client sees for `exc` (rich status with QuotaFailure for quota denials)."""
     code = next((c for cls, c in STATUS_CODES.items() if isinstance(exc, cls)), None)
+    if isinstance(exc, StoreUnavailable):
+        logger.error("quota store fault: %s", clip(exc.detail, 500))
     if code is None:
         ref = uuid.uuid4().hex[:12]
         logger.error("unexpected error ref=%s", ref, exc_info=exc)
@@ -93,6 +109,8 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 def _input(request: cloud_pb2.GenerateRequest) -> GenerateInput:
     r = request.routing
+    routing = ({"reason": r.reason, "prs": round(r.predicted_prs, 4), "alpha": round(r.alpha, 4),
+                "router": r.router_version} if request.HasField("routing") else {})  # fmt: skip
     return GenerateInput(
         request_id=request.request_id,
         prompt=request.prompt,
@@ -102,9 +120,8 @@ def _input(request: cloud_pb2.GenerateRequest) -> GenerateInput:
         num_inference_steps=request.num_inference_steps,
         guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
         seed=request.seed if request.HasField("seed") else None,
-        routing={"reason": r.reason, "prs": round(r.predicted_prs, 4), "alpha": round(r.alpha, 4),
-                 "router": r.router_version},
-    )  # fmt: skip
+        routing=routing,
+    )
 
 
 def quota_pb(q: QuotaSnapshot) -> cloud_pb2.QuotaStatus:
@@ -121,30 +138,30 @@ def _response(r: GenerateResult) -> cloud_pb2.GenerateResponse:
     )  # fmt: skip
 
 
-def _log_fields(request: cloud_pb2.GenerateRequest, inp: GenerateInput) -> dict[str, Any]:
-    fields: dict[str, Any] = {"request_id": inp.request_id}
-    if request.HasField("routing"):
-        fields.update({f"route_{k}": v for k, v in inp.routing.items()})
-    return fields
-
-
 def _logfmt(fields: dict[str, Any]) -> str:
+    """``key=value ...``; each value bounded and escaped (`clip`), quoted when it has a space, '"' or '='."""
     parts = []
     for k, v in fields.items():
-        s = str(v)
-        parts.append(f"{k}={s!r}" if (" " in s or "=" in s or not s) else f"{k}={s}")
+        s = clip(v)
+        if not s or any(c in s for c in ' "='):
+            s = '"' + s.replace('"', '\\"') + '"'
+        parts.append(f"{k}={s}")
     return " ".join(parts)
 
 
 class _Undecodable:
     """What the deserializer hands the servicer for bytes that are not the expected message."""
 
-    def __init__(self, message_name: str) -> None:
+    def __init__(self, message_name: str, size: int = 0, limit: int = 0) -> None:
         self.message_name = message_name
+        self.size = size  # > limit: too large, not parsed
+        self.limit = limit
 
 
-def _lenient(message_cls: Any) -> Callable[[bytes], Any]:
+def _lenient(message_cls: Any, limit: int | None = None) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
+        if limit is not None and len(data) > limit:
+            return _Undecodable(message_cls.DESCRIPTOR.name, len(data), limit)
         try:
             return message_cls.FromString(data)
         except Exception:  # DecodeError, invalid UTF-8 in a string field, ...
@@ -155,22 +172,37 @@ def _lenient(message_cls: Any) -> Callable[[bytes], Any]:
 
 def _check_decoded(request: Any) -> None:
     if isinstance(request, _Undecodable):
+        if request.size:
+            raise InvalidArgument(
+                "request", f"is {request.size} bytes, the maximum is {request.limit} bytes (prompts are also "
+                "limited in characters: see max_prompt_chars)",
+            )  # fmt: skip
         raise InvalidArgument("request", f"is not a valid {request.message_name} protobuf message")
 
 
-def add_servicer(servicer: CloudGenerationServicer, server: grpc.aio.Server) -> None:
+def transport_limit(max_receive_message_bytes: int) -> int:
+    """The size above which gRPC itself drops a request unread (RESOURCE_EXHAUSTED): a ceiling well above
+    the application's limit, so that ordinary oversized requests get INVALID_ARGUMENT naming the limit."""
+    return max(16 << 20, 4 * max_receive_message_bytes)
+
+
+def add_servicer(
+    servicer: CloudGenerationServicer, server: grpc.aio.Server, max_receive_message_bytes: int | None = None
+) -> None:
     """Like the generated add_CloudGenerationServicer_to_server, but undecodable requests reach the servicer
-    (and become INVALID_ARGUMENT) instead of grpc's UNKNOWN plus a logged traceback."""
+    (and become INVALID_ARGUMENT) instead of grpc's UNKNOWN plus a logged traceback, and so do requests above
+    `max_receive_message_bytes` (instead of gRPC's RESOURCE_EXHAUSTED)."""
     pb = cloud_pb2
+    lim = max_receive_message_bytes
     handlers = {
         "Generate": grpc.unary_unary_rpc_method_handler(
-            servicer.Generate, _lenient(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
+            servicer.Generate, _lenient(pb.GenerateRequest, lim), pb.GenerateResponse.SerializeToString
         ),
         "GenerateStream": grpc.unary_stream_rpc_method_handler(
-            servicer.GenerateStream, _lenient(pb.GenerateRequest), pb.GenerateEvent.SerializeToString
+            servicer.GenerateStream, _lenient(pb.GenerateRequest, lim), pb.GenerateEvent.SerializeToString
         ),
         "GetQuota": grpc.unary_unary_rpc_method_handler(
-            servicer.GetQuota, _lenient(pb.GetQuotaRequest), pb.QuotaStatus.SerializeToString
+            servicer.GetQuota, _lenient(pb.GetQuotaRequest, lim), pb.QuotaStatus.SerializeToString
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -194,7 +226,13 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
         self.core.metrics.requests.labels(method, code.name).inc()
         if method != "GetQuota":
             self.core.metrics.request_seconds.observe(time.monotonic() - t0)
-        fields = {"rpc": method, "code": code.name, **log, "total_s": round(time.monotonic() - t0, 4)}
+        try:
+            peer = context.peer()
+        except Exception:  # noqa: BLE001 - a context without a peer (tests)
+            peer = ""
+        # `log` has request fields only once the core authenticated the caller (device_id first)
+        fields = {"rpc": method, "code": code.name, "peer": peer, **log,
+                  "total_s": round(time.monotonic() - t0, 4)}  # fmt: skip
         if status is not None:
             fields["error"] = status.details
         logger.log(logging.INFO if code == grpc.StatusCode.OK else logging.WARNING, _logfmt(fields))
@@ -206,8 +244,6 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
         try:
             _check_decoded(request)
             inp = _input(request)
-            log.update(_log_fields(request, inp))
-            logger.debug("prompt request_id=%s prompt=%r", inp.request_id, inp.prompt)
             result = await self.core.generate(_token(context), inp, deadline=_deadline(context), log=log)
         except BaseException as exc:  # noqa: BLE001 - mapped to a status in one place
             await self._finish("Generate", t0, log, exc, context)
@@ -224,8 +260,6 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
         try:
             _check_decoded(request)
             inp = _input(request)
-            log.update(_log_fields(request, inp))
-            logger.debug("prompt request_id=%s prompt=%r", inp.request_id, inp.prompt)
             task = asyncio.ensure_future(
                 self.core.generate(
                     _token(context), inp, deadline=_deadline(context),
@@ -343,13 +377,52 @@ async def create_server(
     max_receive_message_bytes: int = 1 << 20,
     max_send_message_bytes: int = 64 << 20,
     max_concurrent_rpcs: int | None = None,
+    create_store: bool = True,
 ) -> tuple[CloudServer, int]:
-    """Bind `listen` (port 0: any free port), start serving health NOT_SERVING, load the pipeline, then
-    report SERVING and return ``(server, port)``. `store` is a store or a URL (then the server owns and
-    closes it); `pipeline` is a pipeline object, a loader, `"noop"`, or an SD3 folder / Hugging Face id."""
+    """Check the store, bind `listen` (port 0: any free port), start serving health NOT_SERVING, free what a
+    killed predecessor with the same instance id held, load the pipeline, then report SERVING and return
+    ``(server, port)``. `store` is a store or a URL (then the server owns and closes it; `create_store=False`
+    refuses a URL with no store yet); `pipeline` is a pipeline object, a loader, `"noop"`, or an SD3
+    folder / Hugging Face id. A store that is damaged or cannot be written is refused (ValueError naming
+    --db) before anything is served."""
     requested_port = _listen_port(listen)
+    if max_receive_message_bytes < 1:
+        raise ValueError(f"max_receive_message_bytes={max_receive_message_bytes} must be >= 1")
     owns_store = isinstance(store, str)
-    store_obj = open_store(store) if isinstance(store, str) else store
+    store_obj = open_store(store, create=create_store) if isinstance(store, str) else store
+    try:
+        return await _create_server(
+            store_obj, owns_store, pipeline, listen, requested_port, config, tls, metrics_port,
+            max_receive_message_bytes, max_send_message_bytes, max_concurrent_rpcs,
+        )  # fmt: skip
+    except BaseException:
+        if owns_store:
+            store_obj.close()
+        raise
+
+
+def default_instance_id(listen: str) -> str:
+    """This server's identity in the quota ledger when none is configured: ``<hostname>:<port>`` for a fixed
+    TCP port (a restart on the same host and port frees what its killed predecessor held; two live servers
+    cannot share it), "" (a random identity) for port 0 and unix sockets."""
+    port = _listen_port(listen)
+    return f"{socket.gethostname()}:{port}" if port else ""
+
+
+async def _create_server(
+    store_obj: QuotaStore,
+    owns_store: bool,
+    pipeline: Pipeline | str | Callable[[], Pipeline],
+    listen: str,
+    requested_port: int | None,
+    config: ServerConfig | None,
+    tls: TlsConfig | None,
+    metrics_port: int | None,
+    max_receive_message_bytes: int,
+    max_send_message_bytes: int,
+    max_concurrent_rpcs: int | None,
+) -> tuple[CloudServer, int]:
+    await asyncio.to_thread(store_obj.check_ready)
     if isinstance(pipeline, str):
         spec = pipeline
 
@@ -358,10 +431,12 @@ async def create_server(
 
         pipeline = loader
     metrics = Metrics()
-    core = CloudCore(store_obj, pipeline, config, metrics)
+    config = config or ServerConfig()
+    core = CloudCore(store_obj, pipeline, config, metrics, config.instance_id or default_instance_id(listen))
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", max_receive_message_bytes),
+            # above the application's limit: INVALID_ARGUMENT from the servicer; above this: gRPC's own
+            ("grpc.max_receive_message_length", transport_limit(max_receive_message_bytes)),
             ("grpc.max_send_message_length", max_send_message_bytes),
             # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind and silently
             # share the traffic with the first. Off: a taken port is an error.
@@ -369,7 +444,7 @@ async def create_server(
         ],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    add_servicer(CloudGenerationServicer(core), server)
+    add_servicer(CloudGenerationServicer(core), server, max_receive_message_bytes)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -399,7 +474,10 @@ async def create_server(
         await cs.stop(grace=0)
         raise
     await cs.mark_ready()
-    logger.info("serving %s on port %d model=%s", SERVICE_NAME, port, core.pipeline.model_name)  # type: ignore[union-attr]
+    logger.info(
+        "serving %s on port %d model=%s store=%s instance_id=%s", SERVICE_NAME, port,
+        core.pipeline.model_name, store_obj.url, clip(core.instance_id),  # type: ignore[union-attr]
+    )  # fmt: skip
     return cs, port
 
 

@@ -147,7 +147,7 @@ def test_taken_metrics_port_names_the_option(capsys, sqlite_url):
         s.listen()
         port = s.getsockname()[1]
         code, _, err = _run(capsys, "serve", "--pipeline", "noop", "--listen", "127.0.0.1:0",
-                            "--metrics-port", str(port), "--db", sqlite_url)  # fmt: skip
+                            "--metrics-port", str(port), "--db", sqlite_url, "--create-db")  # fmt: skip
     assert code == 2 and f"--metrics-port {port}: could not bind" in err and "Traceback" not in err
 
 
@@ -155,7 +155,7 @@ def test_tls_files_that_are_not_pem_are_named(capsys, sqlite_url, tmp_path):
     junk = tmp_path / "junk.pem"
     junk.write_bytes(b"\x00\x01not a certificate")
     code, _, err = _run(capsys, "serve", "--pipeline", "noop", "--listen", "127.0.0.1:0", "--tls-cert", str(junk),
-                        "--tls-key", str(junk), "--db", sqlite_url)  # fmt: skip
+                        "--tls-key", str(junk), "--db", sqlite_url, "--create-db")  # fmt: skip
     assert code == 2 and f"--tls-cert {junk}: not a PEM file" in err and len(err.strip().splitlines()) == 1
 
 

@@ -170,10 +170,15 @@ def test_concurrent_retry_of_a_running_request_is_aborted(serve):
         request(request_id="dup", num_inference_steps=5), metadata=auth(token), timeout=10
     )
     _busy(srv)
-    with pytest.raises(grpc.RpcError) as e:
-        stub.Generate(request(request_id="dup"), metadata=auth(token), timeout=5)
+    with pytest.raises(grpc.RpcError) as e:  # the exact same request: in progress, retry later
+        stub.Generate(request(request_id="dup", num_inference_steps=5), metadata=auth(token), timeout=5)
     assert e.value.code() == grpc.StatusCode.ABORTED
+    with pytest.raises(grpc.RpcError) as e:  # the same id for other parameters: refused for good
+        stub.Generate(request(request_id="dup"), metadata=auth(token), timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id reused with different parameters" in e.value.details()
     assert fut.result().quota.used == 1
+    assert srv.core.pipeline.calls == [1]
 
 
 def test_full_queue_sheds_at_once_and_charges_nothing(serve):
@@ -378,12 +383,35 @@ def test_prometheus_metrics(serve):
     assert "routet2i_cloud_queue_depth 0.0" in text and "routet2i_cloud_ready 1.0" in text
 
 
-def test_oversized_message_is_refused_and_server_stays_up(serve):
+def test_oversized_message_is_invalid_argument_naming_the_limit(serve):
+    """A prompt over 1 MB used to get gRPC's own RESOURCE_EXHAUSTED, which the SDK reads as an overloaded
+    cloud (and falls back, retries later): it is a bad request, INVALID_ARGUMENT naming the limit."""
     srv, stub, token, store = serve()
-    with pytest.raises(grpc.RpcError) as e:
-        stub.Generate(request("x" * (2 << 20)), metadata=auth(token), timeout=5)
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for rpc in ("Generate", "GenerateStream"):
+        with pytest.raises(grpc.RpcError) as e:
+            req = request("x" * (2 << 20), request_id="big")
+            if rpc == "Generate":
+                stub.Generate(req, metadata=auth(token), timeout=10)
+            else:
+                list(stub.GenerateStream(req, metadata=auth(token), timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (
+            e.value.details().startswith("request: is ")
+            and f"the maximum is {1 << 20} bytes" in e.value.details()
+        )
+    assert store.quota("dev-0").used == 0
     assert stub.Generate(request(), metadata=auth(token), timeout=5).quota.used == 1
+
+
+def test_oversized_prompt_reads_as_rejected_not_overloaded_in_the_sdk(serve):
+    from routet2i.cloud_client import CloudClient, CloudRejected
+
+    srv, stub, token, store = serve()
+    client = CloudClient(srv.address, token=token, deadline_s=10)
+    with pytest.raises(CloudRejected) as e:
+        client.generate(request("x" * (2 << 20), request_id="big-sdk"))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.reason == "cloud_error"
+    assert e.value.attempts == 1  # not retried as if the cloud were overloaded
 
 
 def test_tls_and_mutual_tls(serve, certs):

@@ -12,6 +12,7 @@ from _cloud_helpers import *  # noqa: F403 - the store fixtures
 from routet2i.cloud_server.errors import (
     DeviceExists,
     QuotaExhausted,
+    RequestIdReused,
     RequestInProgress,
     ReservationLost,
     Unauthenticated,
@@ -64,12 +65,18 @@ def test_request_id_committed_once_is_replayed_without_charge(store_url):
         dev = store.get_device("d")
         first = store.reserve(dev, "same", seed=42, ttl_s=60)
         with pytest.raises(RequestInProgress):  # a concurrent retry while the first attempt runs
+            store.reserve(dev, "same", seed=42, ttl_s=60)
+        with pytest.raises(RequestIdReused):  # the same id for another image, even while in progress
             store.reserve(dev, "same", seed=99, ttl_s=60)
         store.commit(first)
-        again = store.reserve(dev, "same", seed=99, ttl_s=60)
+        again = store.reserve(dev, "same", seed=None, ttl_s=60)  # no seed: the first attempt's
         assert again.charged is False and again.seed == 42
-        store.commit(again)  # no-op
-        store.release(again)  # no-op: must not remove the committed charge
+        store.commit(again)  # ends the replay, charges nothing
+        explicit = store.reserve(dev, "same", seed=42, ttl_s=60)  # the same seed, given
+        assert explicit.charged is False and explicit.seed == 42
+        store.release(explicit)  # ends the replay: must not remove the committed charge
+        with pytest.raises(RequestIdReused):  # another seed is another image
+            store.reserve(dev, "same", seed=99, ttl_s=60)
         assert store.quota(dev).used == 1
 
 
