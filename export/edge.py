@@ -87,6 +87,7 @@ class EdgeExportConfig:
     validate_size: tuple[int, int] | None = None  # (width, height) validated; None: smallest allowed
     pipeline_atol: float = 2e-3  # max abs diff on [0, 1] images, fp32 (fp16: 0.1)
     opset: int = EDGE_OPSET  # ONNX opset
+    sign_key: Path | None = None  # Ed25519 private key (PEM): sign manifest.json into manifest.sig
 
 
 @dataclass
@@ -437,6 +438,11 @@ def export_edge(config: EdgeExportConfig) -> EdgeExportResult:
         raise UsageError(f"--validate-steps {config.validate_steps}: must be >= 1")
     out = Path(config.out)
     _check_out(out, config.force)
+    sign_key = None
+    if config.sign_key is not None:  # read before the export: a bad key fails in one line, at once
+        from routet2i.signing import load_private_key
+
+        sign_key = load_private_key(config.sign_key)
     unet_config = check_sd21_shaped(config.pipeline)
     sizes = config.sizes
     size = config.validate_size or (min(sizes, key=lambda s: s[0] * s[1]) if sizes else (64, 64))
@@ -568,10 +574,10 @@ def export_edge(config: EdgeExportConfig) -> EdgeExportResult:
                 },
             }
         }
-        _say("6/6 manifest", "sha256 of every file")
+        _say("6/6 manifest", "sha256 of every file" + (", signed" if sign_key is not None else ""))
         from routet2i.bundle import write_manifest
 
-        result.manifest = write_manifest(tmp, kind="edge", extra=extra)
+        result.manifest = write_manifest(tmp, kind="edge", extra=extra, sign_key=sign_key)
         publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -620,6 +626,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--validate-size", metavar="WxH", help="size of the validation runs (default smallest)"
     )
     parser.add_argument("--validate-steps", type=int, default=2, help="steps of the pipeline validation")
+    parser.add_argument(
+        "--sign-key", type=Path, help="Ed25519 private key (PEM) to sign the manifest (routet2i dev keygen)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -638,6 +647,7 @@ def run(args: argparse.Namespace) -> int:
         vae_encoder=not args.no_vae_encoder,
         validate_steps=args.validate_steps,
         validate_size=parse_size(args.validate_size, "--validate-size") if args.validate_size else None,
+        sign_key=args.sign_key,
     )
     try:
         export_edge(config)

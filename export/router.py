@@ -84,6 +84,7 @@ class RouterExportConfig:
     opset: int = ROUTER.opset  # ONNX opset
     atol: float = ROUTER.atol  # max abs diff torch vs ORT on prs and metric_scores
     timing_runs: int = 20  # ORT runs per candidate for the latency comparison (median)
+    sign_key: Path | None = None  # Ed25519 private key (PEM): sign manifest.json into manifest.sig
 
 
 @dataclass
@@ -261,6 +262,11 @@ def export_router(config: RouterExportConfig) -> RouterExportResult:
     """Export, validate, pick the exporter, write the bundle (see the module docstring)."""
     start = time.perf_counter()
     _check_inputs(config)
+    sign_key = None
+    if config.sign_key is not None:  # read before any work: a bad key fails in one line, at once
+        from routet2i.signing import load_private_key
+
+        sign_key = load_private_key(config.sign_key)
     from routet2i.training.model import load_router
 
     router_dir, out = Path(config.router), Path(config.out)
@@ -411,6 +417,7 @@ def export_router(config: RouterExportConfig) -> RouterExportResult:
                     "source": str(router_dir),
                 }
             },
+            sign_key=sign_key,
         )
         publish_folder(tmp, out)
     except BaseException:
@@ -445,6 +452,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: try both torch exporters, keep the validated faster one",
     )
+    parser.add_argument(
+        "--sign-key", type=Path, help="Ed25519 private key (PEM) to sign the manifest (routet2i dev keygen)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -454,6 +464,7 @@ def run(args: argparse.Namespace) -> int:
         target_rate=args.target_rate,
         force=args.force,
         exporter=args.exporter,
+        sign_key=args.sign_key,
     )
     try:
         export_router(config)

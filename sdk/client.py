@@ -185,7 +185,12 @@ class EdgeClient:
         elif config.router:
             from routet2i.router_runtime import RouterSession
 
-            self.router = RouterSession(config.router, providers=config.providers)
+            self.router = RouterSession(
+                config.router,
+                providers=config.providers,
+                check_hashes=config.check_hashes,
+                trusted_keys=config.trusted_keys,
+            )
         if self.router is not None:
             routing = self.router.routing
         self.edge: Any = None
@@ -196,7 +201,12 @@ class EdgeClient:
         elif config.edge:
             from routet2i.edge_pipeline import EdgePipeline
 
-            self.edge = EdgePipeline(config.edge, providers=config.providers)
+            self.edge = EdgePipeline(
+                config.edge,
+                providers=config.providers,
+                check_hashes=config.check_hashes,
+                trusted_keys=config.trusted_keys,
+            )
         self.state = DeviceState(
             config.resolved_state_file(),
             cloud_key=_cloud_key(config.cloud, config.token),

@@ -59,6 +59,10 @@ class ClientConfig:
     edge: str | None = None  # edge bundle folder (`routet2i export edge`)
     providers: list[Any] | None = None  # ONNX Runtime providers (names or [name, {options}]), best first;
     # None: the best available of TensorRT -> CUDA -> CPU
+    check_hashes: str = "first"  # bundle sha256 check: "first" (re-hash only files changed since they last
+    # matched; a hash cache in the user cache dir), "always", "never" (sizes only)
+    trusted_keys: list[str] | None = None  # Ed25519 public-key PEM files; set: unsigned or wrongly signed
+    # bundles are refused (the signature is checked at every launch, whatever check_hashes says)
     # --- [cloud]
     cloud: str | None = None  # "host:port" of the cloud endpoint; None: edge only
     tls: bool = False  # TLS channel (system roots unless ca_cert is set)
@@ -161,6 +165,14 @@ class ClientConfig:
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UsageError(f"{name}={value!r}: must be a list of strings")
+        if self.check_hashes not in ("first", "always", "never"):
+            raise UsageError(f"check_hashes={self.check_hashes!r}: allowed: first, always, never")
+        if self.trusted_keys is not None and (
+            not isinstance(self.trusted_keys, list) or not all(isinstance(k, str) for k in self.trusted_keys)
+        ):
+            raise UsageError(
+                f"trusted_keys={self.trusted_keys!r}: must be a list of public-key PEM file paths"
+            )
         if self.providers is not None:
             ok = isinstance(self.providers, list)
             norm: list[Any] = []
@@ -204,6 +216,8 @@ _SECTIONS: dict[str, str | None] = {
     "router": None,
     "edge": None,
     "providers": None,
+    "check_hashes": None,
+    "trusted_keys": None,
     "cloud": "cloud",
     "tls": "cloud",
     "ca_cert": "cloud",
@@ -299,6 +313,11 @@ def _flatten(doc: dict[str, Any], path: Path) -> dict[str, Any]:
         if isinstance(value, str) and value:
             p = Path(value).expanduser()
             out[name] = str(p if p.is_absolute() else (path.parent / p))
+    if isinstance(out.get("trusted_keys"), list):  # key files, relative to the TOML file's folder too
+        out["trusted_keys"] = [
+            str(path.parent / Path(k).expanduser()) if isinstance(k, str) and "-----BEGIN" not in k else k
+            for k in out["trusted_keys"]
+        ]
     return out
 
 

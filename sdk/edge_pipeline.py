@@ -15,15 +15,17 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from routet2i._errors import BundleError, BundleFileMissing, UsageError
-from routet2i.bundle import read_json_object, verify_manifest
+from routet2i.bundle import read_json_object, verify_bundle
 from routet2i.ort import (
     OrtModel,
     ProviderSpec,
@@ -220,7 +222,12 @@ class EdgePipeline:
             ``"dpm++"`` or a diffusers class name: built from the bundle's config, as diffusers'
             ``from_config`` swap does) or a ready scheduler object.
         session_config: ONNX Runtime session options.
-        check_hashes: verify every file's sha256 against the manifest (False: sizes only, faster start).
+        check_hashes: sha256 of the files against the manifest: "first" (default: a file is hashed again
+            only when its stamp changed since it last matched; the hash cache lives in ``cache_dir``),
+            "always", or "never" (sizes only). True/False mean "always"/"never".
+        trusted_keys: Ed25519 public-key PEM files (or PEM text); when given, the bundle's ``manifest.sig``
+            must verify with one of them (checked at every load, whatever ``check_hashes`` says).
+        cache_dir: the per-user cache folder (default `routet2i.paths.user_cache_dir`).
     """
 
     def __init__(
@@ -229,11 +236,18 @@ class EdgePipeline:
         providers: str | Sequence[ProviderSpec] | None = None,
         scheduler: str | Scheduler | None = None,
         session_config: SessionConfig | None = None,
-        check_hashes: bool = True,
+        check_hashes: bool | str = "first",
+        trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         t0 = time.perf_counter()
         self.bundle_dir = root = Path(bundle_dir)
-        self.manifest = verify_manifest(root, kind="edge", check_hashes=check_hashes)
+        self.check = verify_bundle(
+            root, kind="edge", check_hashes=check_hashes, trusted_keys=trusted_keys, cache_dir=cache_dir
+        )
+        self.manifest = self.check.manifest
+        # Seconds per start-up step (verify, prepare: configs + tokenizer, sessions, session_<graph>).
+        self.timings: dict[str, float] = {"verify": self.check.seconds}
         for rel in REQUIRED_FILES:
             if not (root / rel).is_file():
                 raise BundleFileMissing(f"{root / rel}: required by an edge bundle but missing")
@@ -273,9 +287,25 @@ class EdgePipeline:
                 f"(dtype {edge_info.get('dtype')}, optimized {edge_info.get('optimize_target')}) and cannot run "
                 f"on {available_providers()}; export it without --fp16 and with --optimize-target cpu"
             )
-        self.text_encoder = OrtModel(root / "text_encoder" / "model.onnx", providers, cfg)
-        self.unet = OrtModel(root / "unet" / "model.onnx", providers, cfg)
-        self.vae_decoder = OrtModel(root / "vae_decoder" / "model.onnx", providers, cfg)
+        self._providers_spec, self._session_config, self._cache_dir = providers, cfg, cache_dir
+        self.timings["prepare"] = time.perf_counter() - t0 - self.timings["verify"]
+        t1 = time.perf_counter()
+        # The three sessions at once (ONNX Runtime releases the GIL while it builds one); the VAE encoder
+        # only when an image input needs it (`vae_encoder`).
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="routet2i-load") as pool:
+            futures = {
+                name: pool.submit(self._load_graph, name) for name in ("text_encoder", "unet", "vae_decoder")
+            }
+            models = {name: f.result() for name, f in futures.items()}
+        self.text_encoder, self.unet, self.vae_decoder = (
+            models["text_encoder"],
+            models["unet"],
+            models["vae_decoder"],
+        )
+        self._vae_encoder: OrtModel | None = None
+        self.timings["sessions"] = time.perf_counter() - t1
+        for name, model in models.items():
+            self.timings[f"session_{name}"] = model.load_seconds
         for model, names in (
             (self.text_encoder, {"input_ids"}),
             (self.unet, {"sample", "timestep", "encoder_hidden_states"}),
@@ -293,14 +323,40 @@ class EdgePipeline:
         outs = self.vae_decoder.output_names
         self._vae_out = "sample" if "sample" in outs else outs[0]
         self.latent_channels = int(unet_cfg.get("in_channels", 4))
+        self.timings["ready"] = time.perf_counter() - t0
         logger.info(
-            "EdgePipeline ready in %.2fs: %s, providers %s, scheduler %s, default size %d",
-            time.perf_counter() - t0,
+            "EdgePipeline ready in %.2fs: %s, providers %s, scheduler %s, default size %d; steps %s",
+            self.timings["ready"],
             root,
             self.providers,
             type(self.scheduler).__name__,
             self.default_size,
+            {k: round(v, 3) for k, v in self.timings.items()},
         )
+
+    def _load_graph(self, name: str) -> OrtModel:
+        rel = f"{name}/model.onnx"
+        return OrtModel(
+            self.bundle_dir / rel,
+            self._providers_spec,
+            self._session_config,
+            cache_dir=self._cache_dir,
+            cache_key=f"{self.check.manifest_sha256}:{rel}",
+        )
+
+    @property
+    def vae_encoder(self) -> OrtModel:
+        """The VAE encoder's session (image -> latent distribution), created on first use: text-to-image
+        never needs it, so a launch does not pay for it. BundleFileMissing when the bundle has none
+        (exported with ``--no-vae-encoder``)."""
+        if self._vae_encoder is None:
+            path = self.bundle_dir / "vae_encoder" / "model.onnx"
+            if not path.is_file():
+                raise BundleFileMissing(
+                    f"{path}: this bundle has no VAE encoder (exported with --no-vae-encoder)"
+                )
+            self._vae_encoder = self._load_graph("vae_encoder")
+        return self._vae_encoder
 
     # ------------------------------------------------------------------------------------------ helpers
 

@@ -9,8 +9,14 @@ this onnxruntime build does not have is an error that lists the ones it has. The
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import platform
+import shutil
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +85,7 @@ class SessionConfig:
     allow_spinning: bool = True  # worker threads spin between ops: lower latency, busier cores
     io_binding: bool | None = None  # None: on GPU providers only; True/False forces it
     log_severity: int = 3  # ONNX Runtime's own log level (0 verbose .. 4 fatal)
+    graph_cache: bool = True  # keep ONNX Runtime's optimized graph in the user cache dir (see GraphCache)
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in _OPT_LEVELS:
@@ -143,7 +150,8 @@ def resolve_providers(providers: str | Sequence[ProviderSpec] | None = None) -> 
     return chosen
 
 
-def session_options(config: SessionConfig | None = None) -> Any:
+def session_options(config: SessionConfig | None = None, optimization: str | None = None) -> Any:
+    """ONNX Runtime SessionOptions from ``config``; ``optimization`` overrides its graph_optimization."""
     ort = _onnxruntime()
     cfg = config or SessionConfig()
     so = ort.SessionOptions()
@@ -155,12 +163,87 @@ def session_options(config: SessionConfig | None = None) -> Any:
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[cfg.graph_optimization]
+    }[optimization or cfg.graph_optimization]
     so.enable_cpu_mem_arena = cfg.cpu_mem_arena
     so.enable_mem_pattern = cfg.mem_pattern
     so.log_severity_level = cfg.log_severity
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.allow_spinning else "0")
     return so
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+class GraphCache:
+    """ONNX Runtime's optimized form of one graph, saved on its first load and loaded with graph
+    optimization off afterwards (``SessionOptions.optimized_model_filepath``).
+
+    Lives in ``cache_dir/ort/<graph>-<key>/``, never in the bundle. The key covers what the optimized graph
+    depends on: ``source_key`` (the bundle's manifest sha256 and the graph's path in it), the onnxruntime
+    version, the providers and their options, the optimization level, and this machine's CPU (level "all"
+    lays weights out for the CPU it ran on). A cached graph is used only when its files' stamps (size,
+    mtime, ctime, inode) are those recorded when it was written; one that fails to load is deleted and the
+    bundle's graph is loaded instead. One entry per graph path: writing a new one removes older ones."""
+
+    def __init__(
+        self, cache_dir: Path, graph: Path, source_key: str, providers: list[Any], level: str
+    ) -> None:
+        ort = _onnxruntime()
+        spec = json.dumps(
+            [source_key, ort.__version__, [provider_name(p) for p in providers], _options(providers), level,
+             platform.machine(), _cpu_name()],
+            sort_keys=True,
+            default=str,
+        )  # fmt: skip
+        self.prefix = hashlib.sha256(str(graph.resolve()).encode()).hexdigest()[:16]
+        self.folder = (
+            Path(cache_dir) / "ort" / f"{self.prefix}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
+        )
+        self.model = self.folder / "model.onnx"
+        self.stamps = self.folder / "stamps.json"
+
+    def ready(self) -> bool:
+        try:
+            recorded = json.loads(self.stamps.read_text())
+            return all(_stamp(self.folder / name) == stamp for name, stamp in recorded.items())
+        except (OSError, ValueError, TypeError, AttributeError):
+            return False
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def staging(self) -> Path:
+        """A fresh folder to write the optimized graph into (``publish`` moves it into place)."""
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", dir=self.folder.parent))
+
+    def publish(self, staged: Path) -> None:
+        if not (staged / "model.onnx").is_file():
+            raise OSError(f"ONNX Runtime wrote no optimized graph into {staged}")
+        for old in self.folder.parent.glob(f"{self.prefix}-*"):  # older keys of this graph path
+            shutil.rmtree(old, ignore_errors=True)
+        staged.rename(self.folder)
+        stamps = {p.name: _stamp(p) for p in self.folder.iterdir() if p.is_file()}
+        tmp = self.folder / ".stamps.tmp"
+        tmp.write_text(json.dumps(stamps))
+        os.replace(tmp, self.stamps)
+
+
+def _options(providers: list[Any]) -> list[Any]:
+    return [dict(p[1]) if isinstance(p, tuple) else {} for p in providers]
 
 
 class OrtModel:
@@ -175,21 +258,49 @@ class OrtModel:
         path: str | Path,
         providers: str | Sequence[ProviderSpec] | None = None,
         config: SessionConfig | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        cache_key: str | None = None,
     ) -> None:
         ort = _onnxruntime()
+        t0 = time.perf_counter()
         self.path = Path(path)
         if not self.path.is_file():
             raise BundleFileMissing(f"{self.path}: ONNX model not found")
         self.config = config or SessionConfig()
         chosen = resolve_providers(providers)
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=session_options(self.config), providers=chosen
+        self.graph_cache = "off"  # "off" | "hit" (loaded the cached optimized graph) | "written" | "failed"
+        cache = None
+        if self.config.graph_cache and cache_key and self.config.graph_optimization != "disable":
+            from routet2i.paths import user_cache_dir
+
+            cache = GraphCache(
+                Path(cache_dir) if cache_dir else user_cache_dir(),
+                self.path,
+                cache_key,
+                chosen,
+                self.config.graph_optimization,
             )
-        except Exception as exc:  # onnxruntime raises its own InvalidProtobuf/InvalidGraph/... types
-            if type(exc).__name__ in ("InvalidProtobuf", "InvalidGraph", "NoSuchFile"):
-                raise BundleError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from None
-            raise
+        self.session = None
+        if cache is not None and cache.ready():
+            try:
+                self.session = ort.InferenceSession(
+                    str(cache.model),
+                    sess_options=session_options(self.config, optimization="disable"),
+                    providers=chosen,
+                )
+                self.graph_cache = "hit"
+            except Exception as exc:  # a corrupt cache entry must never stop a launch
+                logger.warning(
+                    "optimized-graph cache %s unusable (%s): deleted, loading %s",
+                    cache.folder,
+                    exc,
+                    self.path,
+                )
+                cache.discard()
+        if self.session is None:
+            self.session = self._create(ort, chosen, cache)
+        self.load_seconds = time.perf_counter() - t0
         self.providers: list[str] = list(self.session.get_providers())
         self.input_types: dict[str, Any] = {}
         self.input_shapes: dict[str, list[Any]] = {}
@@ -204,13 +315,56 @@ class OrtModel:
         self.io_binding = (primary in GPU_PROVIDERS) if use_binding is None else bool(use_binding)
         self._device = GPU_PROVIDERS.get(primary, "cpu")
         logger.info(
-            "ONNX Runtime %s: %s on %s (requested %s; io_binding=%s)",
+            "ONNX Runtime %s: %s on %s (requested %s; io_binding=%s) in %.2fs, optimized-graph cache: %s",
             ort.__version__,
             f"{self.path.parent.name}/{self.path.name}",
             self.providers,
             [provider_name(p) for p in chosen],
             self.io_binding,
+            self.load_seconds,
+            self.graph_cache,
         )
+
+    def _create(self, ort: Any, chosen: list[ProviderSpec], cache: GraphCache | None) -> Any:
+        """A session from the bundle's graph; with a cache, ONNX Runtime also saves its optimized graph."""
+        so = session_options(self.config)
+        staged = None
+        if cache is not None:
+            try:
+                staged = cache.staging()
+                so.optimized_model_filepath = str(staged / "model.onnx")
+                # Weights go to one external file (graphs over 2 GB cannot be one protobuf).
+                so.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name", "model.onnx.data"
+                )
+                so.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+                )
+            except OSError as exc:
+                logger.info("optimized-graph cache not writable (%s): not caching %s", exc, self.path)
+                so, staged = session_options(self.config), None
+        try:
+            session = ort.InferenceSession(str(self.path), sess_options=so, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own InvalidProtobuf/InvalidGraph/... types
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+                if type(exc).__name__ not in ("InvalidProtobuf", "InvalidGraph", "NoSuchFile"):
+                    # Saving the optimized graph may be what failed: load once more without it.
+                    logger.warning("saving the optimized graph of %s failed (%s): not cached", self.path, exc)
+                    self.graph_cache = "failed"
+                    return self._create(ort, chosen, None)
+            if type(exc).__name__ in ("InvalidProtobuf", "InvalidGraph", "NoSuchFile"):
+                raise BundleError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from None
+            raise
+        if staged is not None and cache is not None:
+            try:
+                cache.publish(staged)
+                self.graph_cache = "written"
+            except OSError as exc:
+                logger.warning("cannot keep the optimized graph of %s (%s)", self.path, exc)
+                shutil.rmtree(staged, ignore_errors=True)
+                self.graph_cache = "failed"
+        return session
 
     def _feed(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         missing = sorted(set(self.input_types) - set(inputs))

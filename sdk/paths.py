@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from routet2i._errors import UsageError
@@ -33,3 +34,18 @@ def check_output_path(path: str | os.PathLike[str], option: str, *, folder: bool
                 raise UsageError(f"{option} {str(path)!r}: folder {parent} is not writable")
             break
     return p
+
+
+def user_cache_dir() -> Path:
+    """routet2i's per-user cache folder (created by whoever writes into it, not here):
+    ``$ROUTET2I_CACHE_DIR``, else ``$XDG_CACHE_HOME/routet2i`` or ``~/.cache/routet2i`` (Linux),
+    ``~/Library/Caches/routet2i`` (macOS), ``%LOCALAPPDATA%\\routet2i\\Cache`` (Windows). Holds the bundle
+    hash cache and ONNX Runtime's optimized graphs; it is never inside a bundle."""
+    if os.environ.get("ROUTET2I_CACHE_DIR"):
+        return Path(os.environ["ROUTET2I_CACHE_DIR"]).expanduser()
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "routet2i" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "routet2i"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "routet2i"

@@ -10,6 +10,7 @@ No torch, no transformers.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from routet2i._errors import BundleError, BundleFileMissing, UsageError
-from routet2i.bundle import read_json_object, verify_manifest
+from routet2i.bundle import read_json_object, verify_bundle
 from routet2i.ort import OrtModel, ProviderSpec, SessionConfig
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,11 @@ REQUIRED_ROUTING_KEYS = ("metrics", "max_length", "calibration")
 class RouterSession:
     """One router bundle, ready to predict.
 
+    ``check_hashes``: "first" (default: sha256 of a file only when it changed since it last matched, see
+    `routet2i.bundle.verify_bundle`), "always" or "never" (sizes only). ``trusted_keys``: Ed25519 public-key
+    PEM files; when given, an unsigned or wrongly signed bundle is refused. ``cache_dir``: the hash cache's
+    folder (default `routet2i.paths.user_cache_dir`).
+
     Attributes: ``routing`` (parsed routing.json), ``metrics`` (the k metric names, in output order),
     ``max_length`` (tokens per prompt), ``providers`` (what ONNX Runtime runs on), ``manifest``.
     """
@@ -41,13 +47,18 @@ class RouterSession:
         bundle_dir: str | Path,
         providers: str | Sequence[ProviderSpec] | None = None,
         session_config: SessionConfig | None = None,
-        check_hashes: bool = True,
+        check_hashes: bool | str = "first",
+        trusted_keys: Sequence[str | os.PathLike[str]] | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         from tokenizers import Tokenizer
 
         t0 = time.perf_counter()
         self.bundle_dir = root = Path(bundle_dir)
-        self.manifest = verify_manifest(root, kind="router", check_hashes=check_hashes)
+        self.check = verify_bundle(
+            root, kind="router", check_hashes=check_hashes, trusted_keys=trusted_keys, cache_dir=cache_dir
+        )
+        self.manifest = self.check.manifest
         for rel in REQUIRED_FILES:
             if not (root / rel).is_file():
                 raise BundleFileMissing(f"{root / rel}: required by a router bundle but missing")
@@ -76,7 +87,13 @@ class RouterSession:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=self.max_length)
 
-        self.model = OrtModel(root / "router.onnx", providers, session_config)
+        self.model = OrtModel(
+            root / "router.onnx",
+            providers,
+            session_config,
+            cache_dir=cache_dir,
+            cache_key=f"{self.check.manifest_sha256}:router.onnx",
+        )
         if set(self.model.input_types) != {"input_ids", "attention_mask"}:
             raise BundleError(
                 f"{root / 'router.onnx'}: inputs {sorted(self.model.input_types)}, expected input_ids, attention_mask"

@@ -27,6 +27,10 @@ COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
         "routet2i.training.tiny_demo",
         "one tiny SD2.1 and one tiny SD3 generation to PNGs (random weights: the images are noise)",
     ),
+    ("dev", "keygen"): (
+        "routet2i.signing",
+        "write an Ed25519 key pair for signing bundles (export --sign-key / the device's trusted_keys)",
+    ),
     ("data", "build"): (
         "routet2i.training.data_build",
         "generate edge and cloud images for prompts and score them into a quality table",
