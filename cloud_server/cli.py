@@ -235,16 +235,17 @@ def _serve(args: argparse.Namespace) -> int:
                              noop_step_delay_s=args.noop_step_delay, torch_threads=args.torch_threads)  # fmt: skip
 
     async def main() -> None:
+        # handlers first: a SIGTERM right after "serving on port" (or while the model loads) is a clean stop
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         server, port = await create_server(
             args.db, loader, args.listen, config=config, tls=tls, metrics_port=args.metrics_port,
             max_receive_message_bytes=args.max_receive_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
             create_store=args.create_db,
         )  # fmt: skip
         print(f"routet2i-cloud: serving on port {port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await server.stop(args.grace)
 
