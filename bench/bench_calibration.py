@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     row[name] = {
                         "rate_401_1200": sum(tail) / len(tail),
                         "rate_1_400": sum(wanted[:FROM]) / FROM,
+                        "rate_per_100": [sum(wanted[i : i + 100]) / 100 for i in range(0, N, 100)],
                         "alpha_last": alphas[-1],
                     }
                 if not first_pass:  # the first run computed every PRS^: real router inference per call
@@ -200,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{target:>6.2f}  {name:<11}  {on:>7.3f}  {abs(on - target):>6.3f}  {st:>7.3f}  "
                   f"{abs(st - target):>6.3f}  {'met' if ok else 'MISSED'}")  # fmt: skip
     print(f"\ngoal {'met' if ok_all else 'MISSED'} for every target and stream")
+    print("\nonline, share wanted in the cloud per 100 prompts (the transient after each stream starts):")
+    for target in targets:
+        for name in streams:
+            per = results["online"][str(target)][name]["rate_per_100"]
+            print(f"{target:>6.2f}  {name:<11}  " + " ".join(f"{x:.2f}" for x in per))
     report = {
         "router_bundle": str(bundle),
         "router_version": routing.get("router_version"),

@@ -10,16 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncEdgeClient", "EdgeClient", "GenerateResult", "__version__"]
+__all__ = ["AsyncEdgeClient", "EdgeClient", "GenerateResult", "RouteDecision", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from routet2i.client import AsyncEdgeClient, EdgeClient, GenerateResult
+    from routet2i.client import AsyncEdgeClient, EdgeClient, GenerateResult, RouteDecision
 
 # Exported lazily (PEP 562): `import routet2i` stays light; onnxruntime, grpc, PIL load on first use.
 _LAZY = {
     "EdgeClient": "routet2i.client",
     "AsyncEdgeClient": "routet2i.client",
     "GenerateResult": "routet2i.client",
+    "RouteDecision": "routet2i.client",
 }
 
 

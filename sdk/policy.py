@@ -206,8 +206,7 @@ class DeviceState:
         self.exhausted_until: float = 0.0  # unix time until which the cloud is known to say "no quota"
         self.calibration: dict[str, dict[str, Any]] = {}  # router key -> {"prs": [...], "error": e}
         self._foreign: dict[str, Any] | None = None  # another account's quota, kept as found
-        with self.transaction():
-            pass
+        self._refresh()  # no lock needed to read: the file is only ever replaced whole
 
     # --- the file
 

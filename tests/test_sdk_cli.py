@@ -61,3 +61,16 @@ def test_cloud_down_without_edge_fallback_exit_1(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "failed" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_text_output_shows_the_paced_rate_next_to_alpha():
+    from types import SimpleNamespace
+
+    from routet2i.cli import describe
+
+    r = SimpleNamespace(route="edge", reason="router", prs=0.61, alpha=0.42, paced_rate=0.2, target_rate=0.3,
+                        timings={"total": 1.5}, quota={"remaining": 3, "limit": 10})  # fmt: skip
+    line = describe(r)
+    assert "PRS^=0.6100 >= alpha=0.4200; paced rate 0.200 (target 0.300)" in line
+    assert "cloud quota 3/10 left" in line
+    assert "paced" not in describe(SimpleNamespace(**{**vars(r), "paced_rate": None}))
