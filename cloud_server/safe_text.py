@@ -29,11 +29,14 @@ def redact(text: object) -> str:
     return _KV_PASSWORD.sub(r"\g<key>***", s)
 
 
+_NAMED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape(s: str) -> str:
     out = []
     for ch in s:
-        if ch == "\\":
-            out.append("\\\\")
+        if ch in _NAMED:
+            out.append(_NAMED[ch])
         elif ch.isprintable():
             out.append(ch)
         else:

@@ -170,13 +170,13 @@ def _lenient(message_cls: Any, limit: int | None = None) -> Callable[[bytes], An
     return deserialize
 
 
-def _check_decoded(request: Any) -> None:
+def _check_decoded(request: Any, max_prompt_chars: int = 0) -> None:
     if isinstance(request, _Undecodable):
         if request.size:
+            hint = f" (a prompt may have at most {max_prompt_chars} characters)" if max_prompt_chars else ""
             raise InvalidArgument(
-                "request", f"is {request.size} bytes, the maximum is {request.limit} bytes (prompts are also "
-                "limited in characters: see max_prompt_chars)",
-            )  # fmt: skip
+                "request", f"is {request.size} bytes, the maximum is {request.limit} bytes{hint}"
+            )
         raise InvalidArgument("request", f"is not a valid {request.message_name} protobuf message")
 
 
@@ -242,7 +242,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
     async def Generate(self, request: cloud_pb2.GenerateRequest, context: Any) -> cloud_pb2.GenerateResponse:
         t0, log = time.monotonic(), {}
         try:
-            _check_decoded(request)
+            _check_decoded(request, self.core.config.max_prompt_chars)
             inp = _input(request)
             result = await self.core.generate(_token(context), inp, deadline=_deadline(context), log=log)
         except BaseException as exc:  # noqa: BLE001 - mapped to a status in one place
@@ -258,7 +258,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
         events: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         task: asyncio.Task | None = None
         try:
-            _check_decoded(request)
+            _check_decoded(request, self.core.config.max_prompt_chars)
             inp = _input(request)
             task = asyncio.ensure_future(
                 self.core.generate(
@@ -290,7 +290,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
     async def GetQuota(self, request: cloud_pb2.GetQuotaRequest, context: Any) -> cloud_pb2.QuotaStatus:
         t0, log = time.monotonic(), {}
         try:
-            _check_decoded(request)
+            _check_decoded(request, self.core.config.max_prompt_chars)
             snap = await self.core.quota(_token(context))
             log["device_id"] = snap.device_id
         except BaseException as exc:  # noqa: BLE001
