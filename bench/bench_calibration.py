@@ -61,9 +61,10 @@ def _diffusiondb() -> list[str]:
     ]
 
 
-def _stream(prompts: list[str], seed: int) -> list[str]:
+def _stream(prompts: list[str], seed: int | None) -> list[str]:
     prompts = list(dict.fromkeys(prompts))  # a device sees repeats, but the benchmark counts distinct prompts
-    random.Random(seed).shuffle(prompts)
+    if seed is not None:  # None: file order (Parti is sorted by category: a drifting stream)
+        random.Random(seed).shuffle(prompts)
     if len(prompts) < N:
         sys.exit(f"bench_calibration: only {len(prompts)} distinct prompts, {N} needed")
     return prompts[:N]
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-bundle", type=Path, help="router bundle (default: the product's pair, cached)")
     p.add_argument("--targets", default="0.1,0.3,0.5", help="target cloud rates (default 0.1,0.3,0.5)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed of the two streams")
+    p.add_argument("--file-order", action="store_true", help="no shuffle: the prompt files' order")
     p.add_argument("--json", type=Path, default=CACHE / "bench_calibration.json", help="JSON report path")
     args = p.parse_args(argv)
     for f in (PARTI, DIFFUSIONDB):
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     from routet2i.client import EdgeClient
     from routet2i.router_runtime import RouterSession
 
-    streams = {"parti": _stream(_parti(), args.seed), "diffusiondb": _stream(_diffusiondb(), args.seed)}
+    seed = None if args.file_order else args.seed
+    streams = {"parti": _stream(_parti(), seed), "diffusiondb": _stream(_diffusiondb(), seed)}
     t0 = time.perf_counter()
     router = MemoRouter(RouterSession(bundle))
     load_s = time.perf_counter() - t0
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "streams": {k: len(v) for k, v in streams.items()},
         "measured_over": [FROM + 1, N],
         "tolerance": TOLERANCE,
-        "seed": args.seed,
+        "seed": seed,
         "results": results,
         "goal_met": ok_all,
         "route_calls": first_pass,
