@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 from _cloud_helpers import *  # noqa: F403 - the store fixtures
+from _cloud_helpers import CLOUD_CLI, ServeProcess
 from routet2i.cloud_server import open_store
 from routet2i.cloud_server.cli import main
 
@@ -164,3 +167,176 @@ def test_sqlite_db_that_is_not_a_database(capsys, tmp_path):
     junk.write_bytes(b"dataset,prompt\n" * 100)
     code, _, err = _run(capsys, "device", "list", "--db", f"sqlite:///{junk}")
     assert code == 2 and "is not a usable SQLite store" in err and len(err.strip().splitlines()) == 1
+
+
+# --- issue 11 item 3: database passwords are never printed or logged
+
+SECRET = "S3CRET-pw"
+
+
+def _with_password(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    user, host = rest.split("@", 1)
+    return f"{scheme}://{user}:{SECRET}@{host}"
+
+
+@pytest.mark.postgres
+def test_database_passwords_are_never_printed(capsys, pg_url):
+    url = _with_password(pg_url)  # trust auth: any password is accepted
+    bad = ["postgresql://postgres:S3CRET-pw@[bad/x", "postgresql://postgres:S3CRET-pw@127.0.0.1:1/x",
+           "postgresql://postgres:S3CRET-pw@127.0.0.1:5432/test?bogus=1"]  # fmt: skip
+    runs = [
+        ("device", "list", "--db", url),  # no store in this schema yet
+        ("device", "add", "--db", url, "--device-id", "cam", "--quota", "1", "--period", "day"),
+        ("device", "show", "--db", url, "--device-id", "nope"),
+        ("device", "set-quota", "--db", url, "--device-id", "nope", "--quota", "2"),
+        *[("device", "show", "--db", b, "--device-id", "x") for b in bad],
+    ]
+    for argv in runs:
+        code, out, err = _run(capsys, *argv)
+        assert SECRET not in out + err, (argv, out, err)
+        if argv[1] != "add":
+            assert code == 2 and len(err.strip().splitlines()) == 1 and "***" in err, (argv, err)
+
+
+@pytest.mark.postgres
+def test_serve_logs_never_show_the_database_password(pg_url):
+    url = _with_password(pg_url)
+    with open_store(url) as store:
+        assert SECRET not in store.url and "***" in store.url
+    server = ServeProcess(url, "--pipeline", "noop", env={"ROUTET2I_LOG_LEVEL": "DEBUG"})
+    assert server.terminate() == 0
+    log = server.proc.stderr.read()
+    assert "store=postgresql://postgres:***@" in log and SECRET not in log
+
+
+# --- issue 11 item 6: broken, missing and read-only stores
+
+
+def _serve_cli(db: str, *extra: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """`serve` in a subprocess; a server that (wrongly) starts serving is stopped and reported."""
+    cmd = [*CLOUD_CLI, "serve", "--pipeline", "noop", "--listen", "127.0.0.1:0", "--db", db, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"serve did not refuse the store; it served: {out[-300:]} {err[-300:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _one_line_exit_2(r, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def test_serve_refuses_a_page_corrupted_sqlite_store(tmp_path):
+    path = tmp_path / "q.db"
+    with open_store(f"sqlite:///{path}") as store:
+        for i in range(50):
+            store.add_device(f"dev-{i}", quota=3, period="total")
+    assert not (tmp_path / "q.db-wal").exists() or (tmp_path / "q.db-wal").stat().st_size == 0
+    with open(path, "r+b") as f:  # a page in the middle, not the header: the file still opens
+        f.seek(2 * 4096 + 100)
+        f.write(b"\xff" * 500)
+    r = _serve_cli(f"sqlite:///{path}")
+    _one_line_exit_2(r, f"--db sqlite:///{path}", "damaged")
+
+
+@contextlib.contextmanager
+def _read_only(path):
+    """Make `path` unwritable even for root (chattr +i), or by mode for an ordinary user; skip if neither."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        try:
+            yield
+        finally:
+            path.chmod(0o644)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a file read-only for root here (chattr +i unsupported)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(path)], capture_output=True)
+
+
+def test_a_read_only_store_is_refused_by_serve_and_device_add(capsys, tmp_path):
+    path = tmp_path / "q.db"
+    url = f"sqlite:///{path}"
+    with open_store(url) as store:
+        store.add_device("cam", quota=1, period="total")
+    with _read_only(path):
+        _one_line_exit_2(_serve_cli(url), f"--db {url}", "write probe")
+        code, out, err = _run(capsys, "device", "add", "--db", url, "--device-id", "x", "--quota", "1",
+                              "--period", "day")  # fmt: skip
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "readonly" in err and url in err, err
+        code, out, err = _run(capsys, "device", "list", "--db", url)  # reading still works
+        assert code == 0 and out.startswith("cam:"), err
+
+
+def test_only_device_add_or_serve_create_db_creates_a_store(capsys, tmp_path):
+    path = tmp_path / "typo.db"
+    url = f"sqlite:///{path}"
+    for argv in (("device", "list"), ("device", "show", "--device-id", "x"),
+                 ("device", "set-quota", "--device-id", "x", "--quota", "1")):  # fmt: skip
+        code, out, err = _run(capsys, *argv, "--db", url)
+        assert code == 2 and "no quota store" in err and len(err.strip().splitlines()) == 1, err
+        assert not path.exists()
+    _one_line_exit_2(_serve_cli(url), "no quota store", "--create-db")
+    assert not path.exists()
+    server = ServeProcess(url, "--pipeline", "noop", "--create-db")
+    assert server.terminate() == 0 and path.exists()
+    path.unlink()
+    code, out, err = _run(
+        capsys, "device", "add", "--db", url, "--device-id", "x", "--quota", "1", "--period", "day"
+    )
+    assert code == 0 and path.exists()
+    empty = tmp_path / "empty.db"
+    empty.touch()  # an existing file that holds no store is not turned into one either
+    code, out, err = _run(capsys, "device", "list", "--db", f"sqlite:///{empty}")
+    assert code == 2 and "holds no quota store" in err
+
+
+@pytest.mark.postgres
+def test_postgres_store_tables_are_created_only_by_device_add(capsys, pg_url):
+    code, out, err = _run(capsys, "device", "list", "--db", pg_url)  # a fresh, empty schema
+    assert code == 2 and "no quota store tables" in err
+    code, out, err = _run(capsys, "device", "add", "--db", pg_url, "--device-id", "x", "--quota", "1",
+                          "--period", "day")  # fmt: skip
+    assert code == 0, err
+    code, out, err = _run(capsys, "device", "list", "--db", pg_url)
+    assert code == 0 and out.startswith("x:")
+
+
+def test_quota_beyond_int64_is_one_line(capsys, sqlite_url):
+    big = str(2**63)
+    code, out, err = _run(capsys, "device", "add", "--db", sqlite_url, "--device-id", "x", "--quota", big,
+                          "--period", "day")  # fmt: skip
+    assert code == 2 and "2**63-1" in err and len(err.strip().splitlines()) == 1
+    code, _, _ = _run(capsys, "device", "add", "--db", sqlite_url, "--device-id", "x", "--quota", str(2**63 - 1),
+                      "--period", "day")  # fmt: skip
+    assert code == 0
+    code, out, err = _run(
+        capsys, "device", "set-quota", "--db", sqlite_url, "--device-id", "x", "--quota", big
+    )
+    assert code == 2 and "2**63-1" in err
+    with open_store(sqlite_url) as store:
+        with pytest.raises(ValueError, match="2\\*\\*63-1"):
+            store.add_device("y", quota=2**63, period="day")
+        assert store.get_device("x").limit == 2**63 - 1
+
+
+# --- issue 11 item 10 (the serve part): --grace must be a finite number >= 0
+
+
+@pytest.mark.parametrize("grace", ["nan", "inf", "-1", "-inf", "x"])
+def test_serve_grace_must_be_finite_and_not_negative(capsys, tmp_path, grace):
+    # a --db in a missing folder: a parser that let --grace through would fail later, on the store
+    code, out, err = _run(capsys, "serve", "--pipeline", "noop", "--grace", grace, "--db",
+                          f"sqlite:///{tmp_path}/missing/q.db")  # fmt: skip
+    assert code == 2 and "--grace" in err and len(err.strip().splitlines()) == 1, err
