@@ -17,7 +17,7 @@ Prints p50/p99 per router and the ratios, plus the router's p50 as a share of on
 ``bench_edge.py`` has recorded its per-step time (25 steps x per-step time; a lower bound of a generation,
 so the share printed is an upper bound).
 
-    .venv/bin/python bench/bench_router_latency.py [--n 300] [--router-bundle DIR] [--threads 0]
+    .venv/bin/python bench/bench_router_latency.py [--n 300] [--router-bundle DIR] [--threads 0] [--router-threads 0,1]
 """
 
 from __future__ import annotations
@@ -157,9 +157,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     ap.add_argument(
         "--router-threads",
-        default="",
+        default="0,1",
         help="comma-separated intra-op thread counts to time the RouteT2I router at, each against BERT-base "
-        "at --threads, interleaved in the same run (e.g. 0,1); default: --threads only",
+        "at --threads, interleaved in the same run (default 0,1: ONNX Runtime's default and RouterSession's "
+        "default of one thread); '' : --threads only",
     )
     args = ap.parse_args()
     router_threads = [int(t) for t in args.router_threads.split(",") if t.strip()] or [args.threads]
@@ -181,7 +182,7 @@ def main() -> None:
     cfg = SessionConfig(intra_op_threads=args.threads)
     sessions = {}
     for t in router_threads:
-        name = "routet2i" if len(router_threads) == 1 else f"routet2i@{t or 'default'}t"
+        name = "routet2i" if len(router_threads) == 1 else (f"routet2i@{t}t" if t else "routet2i@default")
         sessions[name] = RouterSession(router_dir, session_config=SessionConfig(intra_op_threads=t))
     sessions["bert-base"] = RouterSession(bert_dir, session_config=cfg)
     import onnx

@@ -36,7 +36,9 @@ class RouterSession:
     ``check_hashes``: "first" (default: sha256 of a file only when it changed since it last matched, see
     `routet2i.bundle.verify_bundle`), "always" or "never" (sizes only). ``trusted_keys``: Ed25519 public-key
     PEM files; when given, an unsigned or wrongly signed bundle is refused. ``cache_dir``: the hash cache's
-    folder (default `routet2i.paths.user_cache_dir`).
+    and optimized-graph cache's folder (default `routet2i.paths.user_cache_dir`). ``session_config`` None:
+    one intra-op thread (a router decision is a small graph on one short prompt: measured with
+    bench/bench_router_latency.py, one thread had the lower p50 and p99 than ONNX Runtime's default pool).
 
     Attributes: ``routing`` (parsed routing.json), ``metrics`` (the k metric names, in output order),
     ``max_length`` (tokens per prompt), ``providers`` (what ONNX Runtime runs on), ``manifest``.
@@ -90,7 +92,7 @@ class RouterSession:
         self.model = OrtModel(
             root / "router.onnx",
             providers,
-            session_config,
+            session_config or SessionConfig(intra_op_threads=1),
             cache_dir=cache_dir,
             cache_key=f"{self.check.manifest_sha256}:router.onnx",
         )

@@ -178,3 +178,13 @@ def test_exported_bundle_on_real_prompts(exported, prompts_dir) -> None:
     assert float(prs.std()) > 0  # different prompts, different predictions
     one, _ = session.predict_one(prompts[3])
     assert abs(one - float(prs[3])) <= 1e-5
+
+
+def test_router_session_defaults_to_one_intra_op_thread(handmade) -> None:
+    from routet2i.ort import SessionConfig
+
+    bundle, _ = handmade
+    assert RouterSession(bundle).model.config.intra_op_threads == 1
+    session = RouterSession(bundle, session_config=SessionConfig(intra_op_threads=0))
+    assert session.model.config.intra_op_threads == 0
+    assert session.model.session.get_session_options().intra_op_num_threads == 0
