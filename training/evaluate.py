@@ -153,6 +153,7 @@ def evaluate_pair(
     t_start = time.perf_counter()
     with torch_threads(threads):
         from routet2i.training.baselines import RULE_METHODS, combined_quality, rule_scores
+        from routet2i.training.methods import POOLED_METHODS
         from routet2i.training.train import TrainConfig, predict, train_on
 
         cfg = train_cfg or TrainConfig()
@@ -168,8 +169,16 @@ def evaluate_pair(
                 pair.dataset,
                 gap.sum(),
             )
-        trained = [m for m in methods if m not in RULE_METHODS]
+        pooled = [m for m in methods if m in POOLED_METHODS]
+        trained = [m for m in methods if m not in RULE_METHODS and m not in POOLED_METHODS]
         feats = token_states_for(pair, backbone, max_length, cache_dir) if trained else None
+        x_pooled = None
+        if pooled:
+            from routet2i.training.multitask import layer_mean, pooled_layer_states
+
+            x_pooled = layer_mean(
+                pooled_layer_states(pair.prompts, backbone, max_length, cache_dir=cache_dir)
+            )
         nouns = None
         if "noun_count" in methods:
             from routet2i.training.nouns import count_nouns
@@ -188,6 +197,15 @@ def evaluate_pair(
             t0 = time.perf_counter()
             if m in RULE_METHODS:
                 scores[m][s] = rule_scores(m, np.random.default_rng(1000 + sv), n, gap=gap, nouns=nouns)
+            elif m in POOLED_METHODS:
+                from routet2i.training.multitask import fit_predict
+
+                for f in range(folds):
+                    test = np.flatnonzero(fold_ids[s] == f)
+                    train = np.flatnonzero(fold_ids[s] != f)
+                    scores[m][s, test] = fit_predict(
+                        x_pooled, pair, weights, train, test, sv * 100 + f, cfg, overrides
+                    )
             else:
                 for f in range(folds):
                     test = np.flatnonzero(fold_ids[s] == f)
@@ -290,6 +308,7 @@ _STYLE = {
     "random": dict(color="gray", ls="--"),
     "noun_count": dict(color="tab:brown", ls="--"),
     "routet2i": dict(color="tab:red", lw=2.5, zorder=5),
+    "multitask": dict(color="tab:orange", lw=2.5, zorder=6),
     "routellm_bert": dict(color="tab:blue"),
     "hybrid_llm": dict(color="tab:cyan"),
     "zooter": dict(color="tab:green"),
@@ -389,8 +408,12 @@ def _parse_sets(items: list[str], cfg):
     from routet2i.training.model import RouterConfig
 
     train_fields = {f.name: f for f in fields(cfg)}
+    from routet2i.training.multitask import MultiTaskConfig
+
     model_fields = {f.name for f in fields(RouterConfig)} | {f.name for f in fields(BaselineConfig)}
+    model_fields |= {f.name for f in fields(MultiTaskConfig)}
     model_fields -= {"metrics", "weights", "backbone", "hidden_size", "method", "max_length"}
+    model_fields -= {"n_outputs", "n_kernel", "components", "lr", "weight_decay"}
     train_over: dict[str, Any] = {}
     model_over: dict[str, Any] = {}
     for item in items:

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
-__all__ = ["METHODS", "ABLATIONS", "TRAINED_BASELINES", "RULE_METHODS"]
+__all__ = ["METHODS", "ABLATIONS", "TRAINED_BASELINES", "POOLED_METHODS", "RULE_METHODS", "DEFAULT_METHOD"]
 
 # name -> one-line description. Order = report order.
 METHODS: dict[str, str] = {
     "routet2i": "RouteT2I: dual-gated token-selection MoE, one expert per metric, trained on PRS labels",
+    "multitask": "ridge + kernel ridge + multi-task MLP (every model's per-metric score) on the layer-mean "
+    "pooled frozen backbone; the default router",
     "routet2i_no_multimetric": "ablation: one expert trained on PRS",
     "routet2i_no_token_selection": "ablation: every token pooled (K = n)",
     "routet2i_no_dual_gate": "ablation: one projection, no positive/negative contrast",
@@ -30,3 +32,5 @@ ABLATIONS: dict[str, str] = {
 }
 TRAINED_BASELINES = ("routellm_bert", "hybrid_llm", "zooter", "gap_regression")
 RULE_METHODS = ("random", "noun_count", "oracle")
+POOLED_METHODS = ("multitask",)  # fitted on pooled features in closed form / small MLPs (multitask.py)
+DEFAULT_METHOD = "multitask"  # `routet2i train` without --method (docs/RESULTS.md: why)

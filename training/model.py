@@ -235,6 +235,9 @@ class EncodedRouter(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self.router, "uses_all_layers", False):  # the multi-task router pools every layer
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            return self.router.forward_layers(out.hidden_states, attention_mask)
         states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.router.forward_states(states, attention_mask)
 
@@ -277,6 +280,10 @@ def build_router(method: str, config: dict[str, Any]) -> nn.Module:
     """The state-level router module of a method from its stored config dict."""
     if method.startswith("routet2i"):
         return RouteT2IRouter(RouterConfig(**config))
+    if method == "multitask":
+        from routet2i.training.multitask import MultiTaskConfig, MultiTaskRouter
+
+        return MultiTaskRouter(MultiTaskConfig(**config))
     from routet2i.training.baselines import build_baseline_router
 
     return build_baseline_router(method, config)

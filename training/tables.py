@@ -218,6 +218,10 @@ class PairData:
     prompts: list[str]  # n prompt texts, row order
     q_edge: np.ndarray  # [n, k] float64 metric values of the edge model (higher is better)
     q_cloud: np.ndarray  # [n, k] float64 metric values of the cloud model
+    # Every model of the dataset on the same prompts and metrics (auxiliary targets of the multi-task
+    # router): names [M] and values [n, M, k] (NaN where a model lacks a prompt or metric).
+    all_models: list[str] | None = None
+    q_all: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -247,6 +251,7 @@ def pair_data(
             raise UsageError(f"{arg} {name!r} is not in dataset {dataset!r}; models: {_listing(models)}")
     if edge_model == cloud_model:
         raise UsageError(f"--edge-model and --cloud-model must differ, both are {edge_model!r}")
+    everyone = d
     d = d[d["model"].isin([edge_model, cloud_model])]
     have = {m: list(dict.fromkeys(d.loc[d["model"] == m, "metric"])) for m in (edge_model, cloud_model)}
     if metrics is None:
@@ -295,6 +300,12 @@ def pair_data(
             f"dataset {dataset!r}: no prompt has every chosen metric for both {edge_model!r} and {cloud_model!r}"
         )
     ids = [str(i) for i in wide.index]
+    everyone = everyone[everyone["metric"].isin(chosen)]
+    full = everyone.pivot_table(
+        index="prompt_id", columns=["model", "metric"], values="value", aggfunc="first"
+    )
+    full = full.reindex(index=wide.index, columns=[(m, x) for m in models for x in chosen])
+    q_all = full.to_numpy(dtype=np.float64).reshape(len(ids), len(models), len(chosen))
     return PairData(
         dataset=dataset,
         edge_model=edge_model,
@@ -304,4 +315,6 @@ def pair_data(
         prompts=[texts[i] for i in ids],
         q_edge=wide[cols_e].to_numpy(dtype=np.float64),
         q_cloud=wide[cols_c].to_numpy(dtype=np.float64),
+        all_models=models,
+        q_all=q_all,
     )

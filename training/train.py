@@ -51,6 +51,7 @@ TRAINABLE = (
     "hybrid_llm",
     "zooter",
     "gap_regression",
+    "multitask",
 )
 
 
@@ -278,8 +279,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edge-model", required=True, help="edge model name in the table")
     parser.add_argument("--cloud-model", required=True, help="cloud model name in the table")
     parser.add_argument("--out", required=True, help="ROUTER_DIR to write (router.pt + backbone/)")
+    from routet2i.training.methods import DEFAULT_METHOD
+
     parser.add_argument(
-        "--method", default="routet2i", help=f"one of {', '.join(TRAINABLE)} (default routet2i)"
+        "--method",
+        default=DEFAULT_METHOD,
+        help=f"one of {', '.join(TRAINABLE)} (default {DEFAULT_METHOD}; routet2i: the paper's MoE)",
     )
     parser.add_argument(
         "--backbone", default="", help="HF id or folder of the token encoder (default MiniLM-L6)"
@@ -288,7 +293,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, help="comma-separated metric weights (default uniform)")
     parser.add_argument("--gamma", type=float, default=d.gamma, help="Gamma of the PRS labels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=d.max_epochs, help="maximum epochs")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"maximum epochs (default {d.max_epochs}; multitask: its MLPs' epochs, default 20)",
+    )
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -345,6 +355,8 @@ BOUNDS: dict[str, tuple[Any, float | None, float | None, bool]] = {
     "hidden": ("int", 0, 65_536, False),
     "tau": ("float", 0.0, 1e6, True),
     "gap_scale": ("float", 0.0, 1e6, True),
+    "n_mlp": ("int", 1, 64, False),
+    "epochs": ("int", 1, 100_000, False),
 }
 
 
@@ -402,7 +414,7 @@ def check_train_args(args: argparse.Namespace) -> None:
             f"--method {args.method!r} is not a trainable router; choose one of {', '.join(TRAINABLE)}"
         )
     for name in ("epochs", "batch_size", "max_length"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not (0.0 <= args.val_fraction < 1.0):
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
@@ -419,7 +431,7 @@ def check_train_args(args: argparse.Namespace) -> None:
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        max_epochs=args.epochs,
+        max_epochs=args.epochs if args.epochs is not None else TrainConfig.max_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
@@ -466,6 +478,8 @@ def run(args: argparse.Namespace) -> int:
         )
     cfg = _train_config(args)
     overrides = _overrides(args)
+    if args.method == "multitask":
+        return _run_multitask(args, pair, weights, cfg)
     feats = token_states(pair.prompts, args.backbone, args.max_length, cache_dir=args.cache_dir)
     _, _, sd = combined_quality(pair.q_edge, pair.q_cloud, weights)
     idx = np.arange(len(pair))
@@ -499,5 +513,67 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"trained {args.method} on {len(pair)} prompts of {pair.dataset} ({pair.edge_model} -> {pair.cloud_model}); "
         f"best epoch {info['best_epoch']}, wrote {out}"
+    )
+    return 0
+
+
+def _run_multitask(args: argparse.Namespace, pair, weights: np.ndarray, cfg: TrainConfig) -> int:
+    """The default router: fit on every prompt; calibrate on out-of-fold predictions of the whole file."""
+    import time
+
+    from routet2i.training.calibration import calibration_table
+    from routet2i.training.model import save_router
+    from routet2i.training.multitask import (
+        CALIBRATION_FOLDS,
+        MultiTaskConfig,
+        fit_and_calibrate,
+        layer_mean,
+        pooled_layer_states,
+    )
+
+    t0 = time.perf_counter()
+    x = layer_mean(
+        pooled_layer_states(pair.prompts, args.backbone, args.max_length, cache_dir=args.cache_dir)
+    )
+    mcfg = MultiTaskConfig(
+        metrics=list(pair.metrics),
+        weights=[float(w) for w in weights],
+        backbone=args.backbone,
+        hidden_size=int(x.shape[1]),
+        max_length=args.max_length,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
+    if args.epochs is not None:
+        mcfg = replace(mcfg, epochs=args.epochs)
+    idx = np.arange(len(pair))
+    module, oof, n_folds = fit_and_calibrate(x, pair, idx, mcfg, args.seed, CALIBRATION_FOLDS)
+    table = calibration_table(oof)
+    out = save_router(
+        args.out,
+        module,
+        module.config,
+        args.backbone,
+        method="multitask",
+        metrics=list(pair.metrics),
+        weights=[float(w) for w in weights],
+        gamma=cfg.gamma,
+        edge_model=pair.edge_model,
+        cloud_model=pair.cloud_model,
+        dataset=pair.dataset,
+        calibration=table,
+        extra={
+            "seed": args.seed,
+            "n_train": len(pair),
+            "n_calibration": len(pair),
+            "calibration_source": f"out-of-fold predictions, {n_folds} folds by text",
+            "auxiliary_models": list(pair.all_models or []),
+            "train_seconds": round(time.perf_counter() - t0, 1),
+        },
+    )
+    print(
+        f"trained multitask on {len(pair)} prompts of {pair.dataset} ({pair.edge_model} -> {pair.cloud_model}), "
+        f"{module.config.n_outputs} targets from {len(pair.all_models or [])} models, calibrated on "
+        f"{n_folds}-fold out-of-fold predictions, {time.perf_counter() - t0:.0f} s; wrote {out}"
     )
     return 0
