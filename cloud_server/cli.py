@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--instance-id",
                    help="this server's identity in the quota ledger; a restart with the same id frees what "
-                        "its killed predecessor held (default: HOSTNAME:PORT for a fixed port, else random)")  # fmt: skip
+                        "its killed predecessor held (default: HOSTNAME/LISTEN for a fixed port, else random)")  # fmt: skip
     s.add_argument("--max-concurrent-rpcs", type=_positive_int, help="gRPC refuses more (RESOURCE_EXHAUSTED)")
     s.add_argument("--max-receive-bytes", type=_positive_int, default=1 << 20, help="largest request message")
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS)")

@@ -402,11 +402,12 @@ async def create_server(
 
 
 def default_instance_id(listen: str) -> str:
-    """This server's identity in the quota ledger when none is configured: ``<hostname>:<port>`` for a fixed
-    TCP port (a restart on the same host and port frees what its killed predecessor held; two live servers
-    cannot share it), "" (a random identity) for port 0 and unix sockets."""
+    """This server's identity in the quota ledger when none is configured: ``<hostname>/<listen address>``
+    for a fixed TCP port (a restart with the same --listen on the same host frees what its killed
+    predecessor held; two live servers cannot bind the same address), "" (a random identity) for port 0 and
+    unix sockets."""
     port = _listen_port(listen)
-    return f"{socket.gethostname()}:{port}" if port else ""
+    return f"{socket.gethostname()}/{listen}" if port else ""
 
 
 async def _create_server(

@@ -280,6 +280,7 @@ class QuotaStore(ABC):
     url: str  # the store's URL with any password replaced by *** (safe to show)
     _commit_sql: str  # the dialect's single commit statement (flips the charge, bumps the usage counter)
     _retry_errors: tuple[type[BaseException], ...] = ()  # a transaction failing so is retried once
+    _no_retry_errors: tuple[type[BaseException], ...] = ()  # ... unless it is one of these (a pool timeout)
     _fault_errors: tuple[type[BaseException], ...] = ()  # ... and then becomes StoreUnavailable
 
     # -- the SQL dialect -----------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ class QuotaStore(ABC):
                 with self._write(device_id) as cur:
                     return fn(cur)
             except self._retry_errors as e:
-                if attempt < attempts:
+                if attempt < attempts and not isinstance(e, self._no_retry_errors):
                     logger.warning("quota store connection lost (%s); retrying once", _first_line(e))
                     continue
                 raise StoreUnavailable(detail=f"--db {self.url}: {_first_line(e)}") from e
@@ -331,7 +332,7 @@ class QuotaStore(ABC):
             try:
                 return self._read_once(sql, params)
             except self._retry_errors as e:
-                if attempt < attempts:
+                if attempt < attempts and not isinstance(e, self._no_retry_errors):
                     logger.warning("quota store connection lost (%s); retrying once", _first_line(e))
                     continue
                 raise StoreUnavailable(detail=f"--db {self.url}: {_first_line(e)}") from e
@@ -761,6 +762,7 @@ class PostgresStore(QuotaStore):
         self.url = redact(url)
         self._init_use_tracking()
         self._retry_errors = (psycopg.OperationalError,)
+        self._no_retry_errors = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
         self._fault_errors = (psycopg.OperationalError,)
         timeout = max(1, int(connect_timeout_s))
         try:  # one plain connection first: a wrong URL or a server that is down is one clear line, at once
@@ -783,9 +785,6 @@ class PostgresStore(QuotaStore):
         except psycopg.Error as e:
             self._pool.close()
             raise ValueError(f"--db {self.url}: {_first_line(e)}") from e
-
-    def _is_fault(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._fault_errors)
 
     def _setup(self, conn: Any, create: bool) -> None:
         cur = _PgCursor(conn)

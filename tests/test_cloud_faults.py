@@ -122,7 +122,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_default_instance_id_is_host_and_port_so_a_plain_restart_frees_too(sqlite_url):
+def test_default_instance_id_is_host_and_listen_address_so_a_plain_restart_frees_too(sqlite_url):
     with open_store(sqlite_url) as store:
         token = store.add_device("d", quota=2, period="total")
         port = _free_port()
@@ -276,3 +276,12 @@ def test_a_transaction_whose_commit_answer_was_lost_is_retried_without_a_double_
     store.release(replay)
     assert store.reserve(dev, "r", None, 60).charged is False  # the replay lease was ended
     store.close()
+
+
+def test_default_instance_id():
+    from routet2i.cloud_server.servicer import default_instance_id
+
+    host = socket.gethostname()
+    assert default_instance_id("127.0.0.1:50051") == f"{host}/127.0.0.1:50051"
+    assert default_instance_id("10.0.0.5:50051") != default_instance_id("127.0.0.1:50051")  # both can bind
+    assert default_instance_id("127.0.0.1:0") == "" and default_instance_id("unix:/tmp/s.sock") == ""
