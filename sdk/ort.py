@@ -85,7 +85,8 @@ class SessionConfig:
     allow_spinning: bool = True  # worker threads spin between ops: lower latency, busier cores
     io_binding: bool | None = None  # None: on GPU providers only; True/False forces it
     log_severity: int = 3  # ONNX Runtime's own log level (0 verbose .. 4 fatal)
-    graph_cache: bool = True  # keep ONNX Runtime's optimized graph in the user cache dir (see GraphCache)
+    graph_cache: bool = True  # keep ONNX Runtime's optimized graph in the user cache dir (CPU provider only;
+    # see GraphCache)
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in _OPT_LEVELS:
@@ -228,6 +229,12 @@ class GraphCache:
     def staging(self) -> Path:
         """A fresh folder to write the optimized graph into (``publish`` moves it into place)."""
         self.folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.parent.glob(f".{self.prefix}-*"):  # left by a process killed mid-write
+            try:
+                if time.time() - stale.stat().st_mtime > 3600:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                continue
         return Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", dir=self.folder.parent))
 
     def publish(self, staged: Path) -> None:
@@ -271,7 +278,12 @@ class OrtModel:
         chosen = resolve_providers(providers)
         self.graph_cache = "off"  # "off" | "hit" (loaded the cached optimized graph) | "written" | "failed"
         cache = None
-        if self.config.graph_cache and cache_key and self.config.graph_optimization != "disable":
+        if (
+            self.config.graph_cache
+            and cache_key
+            and self.config.graph_optimization != "disable"
+            and all(provider_name(p) == "CPUExecutionProvider" for p in chosen)
+        ):  # GPU providers: not cached (untested without a GPU here; TensorRT has its own engine cache)
             from routet2i.paths import user_cache_dir
 
             cache = GraphCache(
