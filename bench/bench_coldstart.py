@@ -2,15 +2,24 @@
 
 1. Cold start, each in a fresh process, medians over --repeats: ``import`` of the runtime, then the
    sessions ready (``RouterSession`` + ``EdgePipeline``: manifests verified, tokenizers and ONNX Runtime
-   sessions created), then the first decision and image; peak RSS (VmHWM) of the process. Anchor: the same edge
-   model in diffusers' torch ``StableDiffusionPipeline`` (``import torch, diffusers`` +
-   ``from_pretrained`` + the same image). Bundles: the tiny SD2.1 edge bundle (always), and the full-size
-   SD2.1-base UNet bundle that ``bench_edge.py`` caches (when present), with the router bundle
-   ``bench_router_latency.py`` caches (else a tiny one made here).
+   sessions created), then the first decision and image; peak RSS (VmHWM) of the process. Rows, interleaved
+   per repeat so all see the same machine load and page cache: ``--baseline-sdk`` (another revision's
+   ``sdk/``, e.g. the one before the hash and graph caches; it hashes every file at every launch), our
+   first launch with an empty user cache (``ROUTET2I_CACHE_DIR``: hashes everything, writes the hash cache
+   and ONNX Runtime's optimized graphs), our second launch with that cache, and the anchor: the same edge
+   model in diffusers' torch ``StableDiffusionPipeline`` (``import torch, diffusers`` + ``from_pretrained`` +
+   the same image). Ratios to the anchor for import + ready and for the total with the first image (goal of
+   issue 13: second launch <= 0.5x), and the edge pipeline's own step timings (verify, sessions per graph,
+   whether the UNet came from the graph cache). Bundles: the tiny SD2.1 edge bundle, and the full-size
+   SD2.1-base UNet bundle that ``bench_edge.py --prepare`` builds and caches (when present), with the router
+   bundle ``bench_router_latency.py`` caches (when present).
 2. Install size: the distributions the ``edge`` extra pulls vs ``all`` (the dependency closure read from
    the installed metadata of this venv, extras and markers evaluated), with their site-packages sizes.
 
     .venv/bin/python bench/bench_coldstart.py [--repeats 3] [--skip-full] [--skip-tiny] [--baseline-sdk DIR]
+
+For a before/after comparison: ``git archive REV sdk | tar -x -C /tmp/base`` then ``--baseline-sdk
+/tmp/base/sdk``.
 """
 
 from __future__ import annotations
