@@ -13,6 +13,19 @@ QUALITY_CSV = SHARED_DATA / "quality" / "public_quality_long.csv"
 PROMPTS_DIR = SHARED_DATA / "prompts"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The bundle hash cache and ONNX Runtime's optimized graphs of test bundles go to a temporary folder,
+    not ~/.cache/routet2i (subprocesses inherit it)."""
+    old = os.environ.get("ROUTET2I_CACHE_DIR")
+    os.environ["ROUTET2I_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ROUTET2I_CACHE_DIR", None)
+    else:
+        os.environ["ROUTET2I_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{"edge-sd21": Path, "cloud-sd3": Path, "clip": Path}: built offline with fixed seeds."""
