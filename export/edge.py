@@ -249,6 +249,12 @@ def _optimize_graph(path: Path, name: str, target: str, fp16: bool) -> dict[str,
     if model_type == "unet":  # as optimize_pipeline.py: packed KV/QKV only for fp16
         options.enable_packed_kv = fp16 and options.enable_packed_kv
         options.enable_packed_qkv = fp16 and options.enable_packed_qkv
+    if (
+        model_type == "unet"
+        and target == "gpu"
+        and not _bias_split_gelu_supported(path.parent / "config.json")
+    ):
+        options.enable_bias_splitgelu = False  # its CUDA kernel takes SD's widths only
     if target == "cpu":
         for flag in _GPU_ONLY_FUSIONS:
             if hasattr(options, flag):
@@ -269,6 +275,20 @@ def _optimize_graph(path: Path, name: str, target: str, fp16: bool) -> dict[str,
     return counts
 
 
+# Input widths (2 x the GEGLU inner width = 8 x channels) ONNX Runtime's BiasSplitGelu CUDA kernel takes;
+# others fail at run time ("hidden size should be 2560, 5120, 6144, 10240 or 12288").
+_BIAS_SPLIT_GELU_WIDTHS = {2560, 5120, 6144, 10240, 12288}
+
+
+def _bias_split_gelu_supported(unet_config: Path) -> bool:
+    """True when every transformer block's GEGLU width suits the fused kernel (SD2.1: 320/640/1280 channels)."""
+    try:
+        channels = json.loads(unet_config.read_text())["block_out_channels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(8 * int(c) in _BIAS_SPLIT_GELU_WIDTHS for c in channels)
+
+
 def _has_external_data(path: Path) -> bool:
     return any(p.name != path.name and p.name != "config.json" for p in path.parent.iterdir())
 
@@ -279,9 +299,10 @@ def _fp32_attention_nodes(model) -> list[str]:
     keep = []
     for node in model.graph.node:
         name = node.name
-        in_attention = (
-            "/attn1/" in name or "/attn2/" in name or "/attentions." in name and "mid_block" in name
+        vae_mid_attention = (
+            "/attentions." in name and "mid_block" in name and "/transformer_blocks." not in name
         )
+        in_attention = "/attn1/" in name or "/attn2/" in name or vae_mid_attention
         projection = any(p in name for p in ("/to_q/", "/to_k/", "/to_v/", "/to_out", "/group_norm/"))
         if in_attention and not projection and node.op_type in ("MatMul", "Mul", "Div", "Softmax"):
             keep.append(name)
@@ -298,8 +319,40 @@ def _to_fp16(path: Path, name: str) -> list[str]:
     model.convert_float_to_float16(
         keep_io_types=True, node_block_list=keep, op_block_list=["RandomNormalLike"]
     )
+    dropped = _drop_duplicate_nodes(model.model.graph)
+    if dropped:
+        logger.info("%s: removed %d duplicate Cast nodes left by the float16 converter", name, dropped)
     model.save_model_to_file(str(path), use_external_data_format=_has_external_data(path))
     return [f"{len(keep)} attention score-path nodes (MatMul/Mul/Div/Softmax)"] if keep else []
+
+
+def _drop_duplicate_nodes(graph) -> int:
+    """Remove exact duplicates (same name, op, inputs and outputs) and their duplicate value_info.
+
+    onnxruntime < 1.32's float16 converter inserts one ``<tensor>_cast_to_fp32_node`` Cast per blocked
+    consumer of a float16 tensor, all with the same name and output; ONNX Runtime 1.30 then refuses the
+    graph ("two nodes with same node name"), seen on CUDA by bench/gpu_check.py. Returns how many went."""
+    seen: set[tuple] = set()
+    keep = []
+    for node in graph.node:
+        key = (node.name, node.op_type, node.domain, tuple(node.input), tuple(node.output))
+        if node.name and key in seen:
+            continue
+        seen.add(key)
+        keep.append(node)
+    dropped = len(graph.node) - len(keep)
+    if dropped:
+        del graph.node[:]
+        graph.node.extend(keep)
+        names: set[str] = set()
+        infos = []
+        for info in graph.value_info:
+            if info.name not in names:
+                names.add(info.name)
+                infos.append(info)
+        del graph.value_info[:]
+        graph.value_info.extend(infos)
+    return dropped
 
 
 def _ort_session(path: Path):
