@@ -54,9 +54,7 @@ class ServerConfig:
     max_queue: int = 64  # requests waiting beyond this are refused at once (load shedding)
     reservation_ttl_s: float = 900.0  # longest life of a reservation (requests without a deadline)
     reservation_margin_s: float = 30.0  # a reservation lives until the request's deadline plus this
-    idempotency_s: float = (
-        IDEMPOTENCY_S  # a committed request_id may be replayed this long (within its period)
-    )
+    idempotency_s: float = IDEMPOTENCY_S  # a charged request_id replays free this long (within its period)
     purge_interval_s: float = 600.0  # how often dead ledger rows are deleted
     instance_id: str = ""  # this server's identity in the ledger ("": create_server derives one)
 
