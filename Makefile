@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m routet2i.demo --prompts examples/demo_prompts.txt --out demo-out
+	$(VENV)/bin/routet2i dev demo --prompts examples/demo_prompts.txt --out demo-out
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -11,7 +11,7 @@
 
     .venv/bin/python bench/bench_sdk.py [--n 30] [--hung 5] [--deadline 1.0]
 
-Uses the demo bundles (`routet2i.demo.build_demo`, built once and cached; needs the full install).
+Uses the demo bundles (`routet2i.training.demo.build_demo`, built once and cached; needs the full install).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> int:
     args = p.parse_args()
 
     from routet2i import EdgeClient
-    from routet2i.demo import build_demo
+    from routet2i.training.demo import build_demo
     from routet2i.edge_pipeline import EdgePipeline
 
     built = build_demo()

@@ -116,7 +116,7 @@ def main() -> int:
     args = p.parse_args()
     with contextlib.ExitStack() as stack:
         if args.demo:
-            from routet2i.demo import demo_client
+            from routet2i.training.demo import demo_client
 
             client = stack.enter_context(demo_client())
         else:

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(verbose: int) -> None:
+def setup_logging(verbose: int) -> None:
     env = os.environ.get("ROUTET2I_LOG_LEVEL", "").upper()
     level = env or ("DEBUG" if verbose >= 2 else "INFO" if verbose == 1 else "WARNING")
     logging.basicConfig(
@@ -147,7 +147,7 @@ def _generate(args: argparse.Namespace, client: Any, progress: _Progress) -> Any
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, client_factory: Any = None) -> int:
     if (args.width is None) != (args.height is None):
         raise UsageError("--width and --height go together: give both or neither")
     if args.demo and args.config:
@@ -159,11 +159,10 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(enabled=not args.no_progress)
     overrides = {"target_cloud_rate": args.target_rate}
     try:
-        if args.demo:
-            from routet2i.demo import demo_client
-
-            with demo_client(**overrides) as client:
-                result = _generate(args, client, progress)
+        if client_factory is not None:
+            result = client_factory(lambda client: _generate(args, client, progress))
+        elif args.demo:
+            raise UsageError("--demo runs through `edge-generate` (a subprocess on the workstation side)")
         else:
             if (
                 args.config is None
@@ -186,10 +185,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(describe(result))
         print(f"wrote {output} ({result.width}x{result.height}, seed {result.seed})")
-        if args.demo:
-            from routet2i.demo import NOISE_NOTE
-
-            print(NOISE_NOTE)
     return 0
 
 
@@ -198,9 +193,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors (2) and --help (0), message already printed
         return int(exc.code or 0)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
+    if args.demo and not args.config:
+        return launch_demo(list(sys.argv[1:] if argv is None else argv))
+    return main_with(args)
+
+
+def launch_demo(argv: list[str]) -> int:
+    """``--demo``: the demo trains and exports with torch, which the device package never imports; run it
+    in a subprocess (``python -m routet2i.training.demo edge-generate ARGS``), or say which install it needs."""
+    import importlib.util
+    import subprocess
+
+    missing = []
+    for name in ("routet2i.training", "torch"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        print(
+            f"edge-generate: error: --demo trains and exports tiny models with torch ({', '.join(missing)} "
+            "not installed): install the workstation extras, pip install 'routet2i[all]' (or from a checkout: "
+            "pip install -e '.[all]'); on a device use --config routet2i.toml",
+            file=sys.stderr,
+        )
+        return 2
+    cmd = [sys.executable, "-m", "routet2i.training.demo", "edge-generate", *argv]
     try:
-        return run(args)
+        return subprocess.run(cmd, check=False).returncode
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main_with(args: argparse.Namespace, client_factory: Any = None) -> int:
+    """Run parsed arguments; errors become one line and an exit code. ``client_factory(fn)`` calls
+    ``fn(client)`` with a ready client (the demo's); None: `EdgeClient.from_config`."""
+    try:
+        return run(args, client_factory)
     except (UsageError, FileNotFoundError) as exc:
         print(f"edge-generate: error: {exc}", file=sys.stderr)
         return 2

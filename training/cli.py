@@ -27,6 +27,10 @@ COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
         "routet2i.training.tiny_demo",
         "one tiny SD2.1 and one tiny SD3 generation to PNGs (random weights: the images are noise)",
     ),
+    ("dev", "demo"): (
+        "routet2i.training.demo",
+        "the demo: route a prompt list through tiny bundles and a loopback cloud, print the table",
+    ),
     ("dev", "keygen"): (
         "routet2i.signing",
         "write an Ed25519 key pair for signing bundles (export --sign-key / the device's trusted_keys)",

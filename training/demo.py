@@ -11,8 +11,10 @@ Each run then starts a loopback cloud server (tiny SD3, SQLite store in a temp f
 routes prompts through a real `EdgeClient`. Random weights make the images noise and the router's decisions
 arbitrary: the demo shows the machinery (routing, gRPC, quotas, fallbacks), not image quality.
 
-Needs the full install (`pip install 'routet2i[all]'`): it trains and exports with torch. Used by
-``edge-generate --demo`` and by ``python -m routet2i.demo --prompts FILE`` (``make demo``).
+Needs the full install (`pip install 'routet2i[all]'`): it trains and exports with torch. The workstation
+side of the project (the device package `routet2i` never imports it): ``routet2i dev demo --prompts FILE``
+(``make demo``) prints the routing table; ``edge-generate --demo`` is a thin launcher that runs
+``python -m routet2i.training.demo edge-generate ARGS`` in a subprocess.
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ def _read_prompts(path: Path) -> list[str]:
 def run_table(prompts: Sequence[str], out_dir: Path | None, steps: int, cache_dir: Path | None) -> list[Any]:
     """Route every prompt and print the table prompt | PRS^ | alpha | paced | route | reason | seconds
     (paced: the cloud rate targeted after quota-aware pacing)."""
-    from routet2i.cli import save_png_atomic
+    from routet2i.cli import save_png_atomic  # the training side may use the device's CLI helpers
 
     results = []
     with demo_client(cache_dir) as client:
@@ -273,20 +275,49 @@ def run_table(prompts: Sequence[str], out_dir: Path | None, steps: int, cache_di
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m routet2i.demo", description="route a list of prompts (demo)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`routet2i dev demo`: route a list of prompts through the demo and print the table."""
     p.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
     p.add_argument("--out", type=Path, help="folder for the PNGs")
     p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     p.add_argument("--cache-dir", type=Path, help=f"demo cache (default {default_cache_dir()})")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("ROUTET2I_LOG_LEVEL", "WARNING").upper())
-    try:
-        run_table(_read_prompts(args.prompts), args.out, args.steps, args.cache_dir)
-    except UsageError as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: must be an integer >= 1")
+    run_table(_read_prompts(args.prompts), args.out, args.steps, args.cache_dir)
     return 0
+
+
+def edge_generate(argv: Sequence[str]) -> int:
+    """``edge-generate --demo ARGS`` (run by the device CLI in a subprocess): the same command on a demo
+    client (tiny bundles, loopback cloud)."""
+    from routet2i import cli
+
+    try:
+        args = cli.build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    cli.setup_logging(args.verbose)
+
+    def with_demo_client(run_with: Any) -> Any:
+        with demo_client(target_cloud_rate=args.target_rate) as client:
+            return run_with(client)
+
+    rc = cli.main_with(args, client_factory=with_demo_client)
+    if rc == 0 and not args.json:
+        print(NOISE_NOTE)
+    return rc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["edge-generate"]:
+        return edge_generate(argv[1:])
+    from routet2i.training.cli import main as routet2i_main
+
+    return routet2i_main(["dev", "demo", *argv])
 
 
 if __name__ == "__main__":
