@@ -162,6 +162,14 @@ def main() -> None:
         "at --threads, interleaved in the same run (default 0,1: ONNX Runtime's default and RouterSession's "
         "default of one thread); '' : --threads only",
     )
+    ap.add_argument(
+        "--also-bundle",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another router bundle timed in the same interleaved loop at 1 thread (repeatable), e.g. the "
+        "trained default router against today's RouteT2I bundle",
+    )
     args = ap.parse_args()
     router_threads = [int(t) for t in args.router_threads.split(",") if t.strip()] or [args.threads]
 
@@ -185,6 +193,15 @@ def main() -> None:
         name = "routet2i" if len(router_threads) == 1 else (f"routet2i@{t}t" if t else "routet2i@default")
         sessions[name] = RouterSession(router_dir, session_config=SessionConfig(intra_op_threads=t))
     sessions["bert-base"] = RouterSession(bert_dir, session_config=cfg)
+    also = []
+    for spec in args.also_bundle:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not Path(folder).is_dir():
+            sys.exit(
+                f"bench_router_latency: --also-bundle {spec!r}: expected NAME=DIR with DIR a router bundle"
+            )
+        sessions[name] = RouterSession(Path(folder), session_config=SessionConfig(intra_op_threads=1))
+        also.append(name)
     import onnx
 
     for name, s in sessions.items():
@@ -216,6 +233,11 @@ def main() -> None:
         r99 = _pct(ms["bert-base"], 99) / _pct(ms[name], 99)
         print(f"  ratio bert-base / {name}: p50 {r50:.1f}x, p99 {r99:.1f}x (goal >= 5x)")
     ms["routet2i"] = ms[ours[0]]
+    base = next((n for n in ours if n.endswith("@1t")), ours[0])
+    for name in also:
+        r50 = _pct(ms[name], 50) / _pct(ms[base], 50)
+        r99 = _pct(ms[name], 99) / _pct(ms[base], 99)
+        print(f"  ratio {name} / {base}: p50 {r50:.2f}x, p99 {r99:.2f}x")
 
     edge_json = CACHE / "bench_edge.json"
     if edge_json.is_file():

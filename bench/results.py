@@ -1,4 +1,4 @@
-"""Regenerate docs/RESULTS.md: every router on the three public quality datasets (`make results`).
+"""Regenerate docs/RESULTS.md: every router on the public quality datasets and EvalMi-50K (`make results`).
 
 For each dataset (edge -> cloud pair of ../shared/data/README.md) this runs the same evaluation as
 `routet2i eval` (every method and the three ablations, 5 folds x 3 seeds, default settings, no per-dataset
@@ -6,7 +6,7 @@ tuning), writes docs/results/<dataset>.json and docs/<dataset>_curves.png, then 
 paper-style tables (Delta P at 30/50/70 %, cloud saving at 40/50/60 %, ablations) and the hand-written
 analysis kept in docs/RESULTS_NOTES.md.
 
-    .venv/bin/python bench/results.py                 # run all three (about 10-15 min each on 2 shared cores)
+    .venv/bin/python bench/results.py                 # run all five (10-40 min each on 2 shared cores)
     .venv/bin/python bench/results.py --only tifa160  # one dataset; the others are read from their JSON
     .venv/bin/python bench/results.py --reuse         # rebuild RESULTS.md and the plots from the JSON files
 """
@@ -26,16 +26,29 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 SHARED = Path(os.environ.get("ROUTET2I_SHARED_DATA", REPO.parent / "shared" / "data"))
 TABLE = SHARED / "quality" / "public_quality_long.csv"
+EVALMI = SHARED / "quality" / "evalmi50k_dev.csv"
 
-# dataset -> (edge model, cloud model); every metric the two share (tifa160: 5, agiqa3k: 2, genai: 1).
+# report name -> (edge model, cloud model); every metric the two share (tifa160: 5, agiqa3k: 2, genai: 1,
+# evalmi50k: 3 human ratings).
 PAIRS = {
     "genai_bench_527": ("SDXL_2_1", "SDXL_Base"),
     "tifa160": ("stable_diffusion_v1_5", "stable_diffusion_v2_1"),
     "agiqa3k": ("sd1.5_normal", "xl2.2_normal"),
+    "evalmi50k": ("sd_v2-1", "sd3_5_large"),  # the product's own pair (issue 15)
+    "evalmi50k_sdxl": ("sd_v2-1", "sdxl_base_1"),
 }
+# report name -> (table, dataset name in it); default: TABLE and the report name.
+SOURCES = {"evalmi50k": (EVALMI, "evalmi50k"), "evalmi50k_sdxl": (EVALMI, "evalmi50k")}
+
+
+def source(name: str) -> tuple[Path, str]:
+    return SOURCES.get(name, (TABLE, name))
+
+
 RATES = (0.3, 0.5, 0.7)
 TARGETS = (40.0, 50.0, 60.0)
 MAIN = [
+    "multitask",
     "routet2i",
     "gap_regression",
     "zooter",
@@ -48,18 +61,31 @@ MAIN = [
 ABL = ["routet2i", "routet2i_no_multimetric", "routet2i_no_token_selection", "routet2i_no_dual_gate"]
 
 
-def run_dataset(name: str, folds: int, seeds: int) -> dict:
+def run_dataset(name: str, folds: int, seeds: int, only_methods: list[str] | None = None) -> dict:
     from routet2i.prs import normalize_weights
     from routet2i.training.baselines import METHODS
     from routet2i.training.evaluate import evaluate_pair, plot_curves, write_json
     from routet2i.training.tables import pair_data, read_table
 
     edge, cloud = PAIRS[name]
-    pair = pair_data(read_table(TABLE), name, edge, cloud)
+    table, dataset = source(name)
+    pair = pair_data(read_table(table), dataset, edge, cloud)
     weights = normalize_weights(None, len(pair.metrics))
-    report = evaluate_pair(
-        pair, weights, list(METHODS), folds=folds, seeds=seeds, rates=RATES, targets=TARGETS
-    )
+    # The 1,590-prompt EvalMi-50K pairs: the main methods only (the MoE ablations would add ~3 x the MoE's
+    # time on 2 shared cores; they are measured on the three public datasets).
+    methods = list(METHODS) if table == TABLE else [m for m in METHODS if m in MAIN]
+    path = DOCS / "results" / f"{name}.json"
+    if only_methods:  # re-run these methods only, keep the others' entries (same folds, seeds, tie order)
+        methods = only_methods
+    report = evaluate_pair(pair, weights, methods, folds=folds, seeds=seeds, rates=RATES, targets=TARGETS)
+    report["report_name"] = name
+    if only_methods and path.is_file():
+        old = json.loads(path.read_text())
+        if (old["folds"], old["seeds"], old.get("first_seed", 0)) == (folds, seeds, 0):
+            merged = dict(old["methods"])
+            merged.update(report["methods"])
+            report["methods"] = {m: merged[m] for m in METHODS if m in merged}
+            report["seconds"] = old["seconds"] + report["seconds"]
     report["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs while measured)"
     report["generated_unix"] = int(time.time())
     write_json(report, DOCS / "results" / f"{name}.json")
@@ -101,9 +127,57 @@ def _summary_table(reports: dict[str, dict], methods: list[str]) -> list[str]:
     return lines
 
 
+def _evalmi_experiments() -> list[str]:
+    """The router experiments on EvalMi-50K (bench/router_evalmi50k.py) as tables, when they were run."""
+    path = DOCS / "results" / "evalmi50k_experiments.json"
+    if not path.is_file():
+        return []
+    exp = json.loads(path.read_text())
+    out = [
+        "",
+        "## Router experiments on EvalMi-50K: sd_v2-1 -> sd3_5_large (`bench/router_evalmi50k.py`)",
+        "",
+        "One head or setting at a time on frozen all-MiniLM-L6-v2 features (masked-mean pooled per layer).",
+        "Seeds 0-2: the 5 folds x 3 seeds of `routet2i eval` (same splits and tie order); `seeds10+1`: a",
+        "one-seed screen on other splits (seed 10), used to choose settings without looking at seeds 0-2.",
+        "",
+        "| variant | seeds | ΔP@30 % | ΔP@50 % | ± std | ΔP@50 % 95 % CI | ΔP@70 % | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in exp.items():
+        if key.endswith(":calibration"):
+            continue
+        parts = key.split(":")
+        cloud, variant = parts[0], parts[1]
+        seeds = parts[2] if len(parts) > 2 else "0-2"
+        if cloud != "sd3_5_large":
+            variant = f"{variant} (-> {cloud})"
+        lo, hi = r["ci95_0.5"]
+        dp = r["delta_p"]
+        out.append(
+            f"| {variant} | {seeds} | {dp['0.3']:.1f} | {dp['0.5']:.1f} | {r['delta_p_std_0.5']:.1f} | "
+            f"[{lo:.1f}, {hi:.1f}] | {dp['0.7']:.1f} | {r['seconds']:.0f} |"
+        )
+    cal = {k: v for k, v in exp.items() if k.endswith(":calibration")}
+    if cal:
+        out += [
+            "",
+            "Calibration (item 4): on each outer fold's training part, what `routet2i train` does (fit + the",
+            "table from 5-fold out-of-fold predictions), then `export router --target-rate`'s alpha; the cloud",
+            "rate it gives on the held-out fold.",
+            "",
+            "| router | target rate | held-out cloud rate (mean of folds) | worst fold off by |",
+            "|---|---|---|---|",
+        ]
+        for key, r in cal.items():
+            for rate, v in r.items():
+                out.append(f"| {key.split(':')[1]} | {rate} | {v['mean']:.3f} | {v['max_abs_err']:.3f} |")
+    return out
+
+
 def write_results(reports: dict[str, dict]) -> Path:
     out = [
-        "# Router results on public quality data",
+        "# Router results on public quality data and EvalMi-50K",
         "",
         "Generated by `make results` (`bench/results.py`); the analysis is `docs/RESULTS_NOTES.md`, included",
         "below. Do not edit this file by hand.",
@@ -131,6 +205,7 @@ def write_results(reports: dict[str, dict]) -> Path:
         out += ["", f"## {n}: {r['edge_model']} -> {r['cloud_model']}", ""]
         out += _dataset_table(r, MAIN + ABL[1:])
         out += ["", f"![{n}]({n}_curves.png)"]
+    out += _evalmi_experiments()
     notes = DOCS / "RESULTS_NOTES.md"
     if notes.is_file():
         out += ["", notes.read_text().rstrip(), ""]
@@ -147,24 +222,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="rebuild RESULTS.md from the JSON files only")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--methods", default=None, help="re-run only these methods, merged into the existing JSON"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("ROUTET2I_LOG_LEVEL", "WARNING"))
-    if not args.reuse and not TABLE.exists():
-        print(
-            f"public quality data not found at {TABLE} (../shared/data is not part of the repo)",
-            file=sys.stderr,
-        )
-        return 2
     todo = list(PAIRS) if args.only is None else [s.strip() for s in args.only.split(",")]
     unknown = [d for d in todo if d not in PAIRS]
     if unknown:
         print(f"unknown dataset(s) {unknown}; available: {', '.join(PAIRS)}", file=sys.stderr)
         return 2
+    missing = sorted({str(source(d)[0]) for d in todo if not source(d)[0].exists()})
+    if not args.reuse and missing:
+        print(
+            f"quality data not found: {', '.join(missing)} (../shared/data is not part of the repo)",
+            file=sys.stderr,
+        )
+        return 2
     reports = {}
     for name in PAIRS:
         path = DOCS / "results" / f"{name}.json"
         if not args.reuse and name in todo:
-            reports[name] = run_dataset(name, args.folds, args.seeds)
+            only = [m.strip() for m in args.methods.split(",")] if args.methods else None
+            reports[name] = run_dataset(name, args.folds, args.seeds, only)
         elif path.is_file():
             from routet2i.training.evaluate import plot_curves
 

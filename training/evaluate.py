@@ -148,10 +148,11 @@ def evaluate_pair(
     ``threads``: torch intra-op threads while training. The routers are tiny (batches of 32 prompts), so
     more threads mostly add synchronization; on a shared CPU two threads made a fit several times slower.
     """
+    from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    with torch_threads(threads):
+    with torch_threads(threads), threadpool_limits(max(1, threads)):
         from routet2i.training.baselines import RULE_METHODS, combined_quality, rule_scores
         from routet2i.training.methods import POOLED_METHODS
         from routet2i.training.train import TrainConfig, predict, train_on

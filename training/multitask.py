@@ -115,6 +115,7 @@ class MultiTaskConfig:
     lr: float = 1e-3  # MLP AdamW learning rate
     weight_decay: float = 1e-2  # MLP AdamW weight decay
     dropout: float = 0.5  # MLP hidden dropout (0.1 on the input)
+    auxiliary: bool = True  # MLP targets include every model's scores (False: the pair's k gaps only)
 
     @property
     def score_names(self) -> list[str]:
@@ -279,7 +280,7 @@ def fit_multitask(x: np.ndarray, pair, idx: np.ndarray, cfg: MultiTaskConfig, se
     mu, xsd = xs.mean(0), xs.std(0) + 1e-6
     z = (xs - mu) / xsd
     gap = ((pair.q_cloud[idx] - pair.q_edge[idx]) / sd) @ w
-    y = multitask_targets(pair, idx)
+    y = multitask_targets(pair, idx) if cfg.auxiliary else pair.q_cloud[idx] - pair.q_edge[idx]
     y_mean, y_std = np.nanmean(y, 0), np.nanstd(y, 0) + 1e-9
     y_z = np.nan_to_num((y - y_mean) / y_std)
     cfg = replace(cfg, n_outputs=y.shape[1], n_kernel=len(idx) if "krr" in cfg.components else 0)
@@ -381,6 +382,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mt_mlp_e20_h512_do5_wd1": {**_NEW_MLP, "n_mlp": 1, "weight_decay": 1.0},
     "mt_mlp5_e20_h512_do5": {**_NEW_MLP, "n_mlp": 5},
     "ridge+krr+mlp5_e20_h512_do5": {**_NEW_MLP, "components": ["ridge", "krr", "mlp"], "n_mlp": 5},
+    "mt_mlp5_e20_h512_do5_no_aux": {**_NEW_MLP, "n_mlp": 5, "auxiliary": False},
     "default": {},  # MultiTaskConfig's defaults: what `routet2i train` fits
 }
 

@@ -356,6 +356,7 @@ BOUNDS: dict[str, tuple[Any, float | None, float | None, bool]] = {
     "tau": ("float", 0.0, 1e6, True),
     "gap_scale": ("float", 0.0, 1e6, True),
     "n_mlp": ("int", 1, 64, False),
+    "auxiliary": ("bool", None, None, False),
     "epochs": ("int", 1, 100_000, False),
 }
 
@@ -547,7 +548,13 @@ def _run_multitask(args: argparse.Namespace, pair, weights: np.ndarray, cfg: Tra
     if args.epochs is not None:
         mcfg = replace(mcfg, epochs=args.epochs)
     idx = np.arange(len(pair))
-    module, oof, n_folds = fit_and_calibrate(x, pair, idx, mcfg, args.seed, CALIBRATION_FOLDS)
+    # One thread: small matrices and MLP steps; more threads mostly add synchronization (several times
+    # slower on a loaded 2-core machine), as in `routet2i eval`.
+    from routet2i.training.evaluate import torch_threads
+    from threadpoolctl import threadpool_limits
+
+    with torch_threads(1), threadpool_limits(1):
+        module, oof, n_folds = fit_and_calibrate(x, pair, idx, mcfg, args.seed, CALIBRATION_FOLDS)
     table = calibration_table(oof)
     out = save_router(
         args.out,
