@@ -429,3 +429,49 @@ def test_train_refuses_a_non_empty_out_without_force(setup, capsys) -> None:
     assert (out / "keep.txt").read_text() == "mine"
     assert main([*cmd, "--force"]) == 0
     assert (out / "router.pt").is_file() and not (out / "keep.txt").exists()
+
+
+# ---------------------------------------------------------------------------------- the default router
+
+
+def test_default_method_is_multitask_calibrated_out_of_fold(setup) -> None:
+    from routet2i.training.methods import DEFAULT_METHOD
+
+    out = setup["root"] / "r-default"
+    cmd = ["train", *_pair_args(setup), "--out", str(out), "--backbone", str(setup["backbone"])]
+    assert main([*cmd, "--epochs", "3", "--cache-dir", str(setup["cache"])]) == 0
+    ckpt = torch.load(out / "router.pt", weights_only=True)
+    assert DEFAULT_METHOD == "multitask" and ckpt["method"] == "multitask"
+    assert "out-of-fold" in ckpt["calibration_source"] and ckpt["n_calibration"] == 40
+    alphas = [c["alpha"] for c in ckpt["calibration"]]
+    assert alphas == sorted(alphas) and max(alphas) <= 0.5
+    assert ckpt["auxiliary_models"] == ["edge", "cloud"]
+
+
+def test_multitask_learns_and_out_of_fold_calibration_holds_on_new_prompts() -> None:
+    """Synthetic: the gap is a function of the features; the router ranks unseen prompts by it, and the
+    alpha from out-of-fold predictions sends about the target share of unseen prompts to the cloud."""
+    from types import SimpleNamespace
+
+    from routet2i.export.router import pick_alpha
+    from routet2i.training.calibration import calibration_table
+    from routet2i.training.multitask import MultiTaskConfig, fit_and_calibrate, predict_multitask
+
+    rng = np.random.default_rng(0)
+    n = 800
+    x = rng.normal(size=(n, 8))
+    gap = x[:, 0] + 0.5 * np.tanh(x[:, 1]) + 0.3 * rng.normal(size=n)
+    q_edge = np.stack([1.0 - 0.5 * gap, 2.0 - gap], axis=1)
+    q_cloud = np.stack([1.0 + 0.5 * gap, 2.0 + gap], axis=1)
+    pair = SimpleNamespace(
+        metrics=["m1", "m2"], prompts=[f"p{i}" for i in range(n)], q_edge=q_edge, q_cloud=q_cloud,
+        all_models=["e", "c"], q_all=np.stack([q_edge, q_cloud], axis=1), edge_model="e", cloud_model="c",
+    )  # fmt: skip
+    train, test = np.arange(400), np.arange(400, n)
+    cfg = MultiTaskConfig(metrics=["m1", "m2"], hidden_size=8, n_mlp=2, hidden=32, epochs=10)
+    module, oof, folds = fit_and_calibrate(x, pair, train, cfg, seed=0)
+    assert folds == 5 and oof.shape == (400,)
+    prs = predict_multitask(module, x[test])
+    assert np.corrcoef(prs, -gap[test])[0, 1] > 0.8
+    rate = float(np.mean(prs < pick_alpha(calibration_table(oof), 0.3)))
+    assert abs(rate - 0.3) < 0.06, rate
