@@ -130,8 +130,7 @@ _COLUMNS = (
     ("owner", "TEXT"),
     ("held_until", "DOUBLE PRECISION"),
 )
-_INDEXES = ("rt2i_charges_live", "rt2i_charges_expiry")
-_EXPIRY_INDEX = "CREATE INDEX IF NOT EXISTS rt2i_charges_expiry ON rt2i_charges (expires_unix)"
+_INDEXES = ("rt2i_charges_live",)
 # SQLite: the commit's UPDATE bumps the usage counter through this trigger, inside the same statement.
 _SQLITE_TRIGGER = """CREATE TRIGGER IF NOT EXISTS rt2i_count_commit AFTER UPDATE OF state ON rt2i_charges
     WHEN NEW.state = 'committed' AND OLD.state = 'reserved'
@@ -171,8 +170,10 @@ _END_REPLAY = """UPDATE rt2i_charges SET held_until = NULL
 _RELEASE_OWNER = "DELETE FROM rt2i_charges WHERE owner = ? AND state = 'reserved'"
 _END_OWNER_REPLAYS = """UPDATE rt2i_charges SET held_until = NULL
     WHERE owner = ? AND state = 'committed' AND held_until IS NOT NULL"""
+# per device, through rt2i_charges_live (device_id, state, ...): no index of its own to slow every write
 _PURGE = """DELETE FROM rt2i_charges
-    WHERE expires_unix <= ? AND (held_until IS NULL OR held_until <= ?)"""
+    WHERE device_id = ? AND state IN ('reserved', 'committed') AND expires_unix <= ?
+    AND (held_until IS NULL OR held_until <= ?)"""
 _USAGE = """SELECT
     COALESCE((SELECT used FROM rt2i_usage WHERE device_id = ? AND period_start = ?), 0),
     (SELECT count(*) FROM rt2i_charges
@@ -555,7 +556,9 @@ class QuotaStore(ABC):
                     "ready; nothing was charged, retry"
                 )
 
-        self._transact(tx, res.device_id)
+        # no per-device lock: the commit moves a unit from reserved to used in one statement, so the sum a
+        # concurrent reserve checks never changes (a release only lowers it)
+        self._transact(tx)
 
     def release(self, res: Reservation) -> None:
         """Give a reserved unit back (a failed, cancelled or shed request), or end a replay's lease.
@@ -578,15 +581,18 @@ class QuotaStore(ABC):
         return self._transact(tx)
 
     def purge(self, now: float | None = None) -> int:
-        """Delete dead ledger rows (expired reservations, idempotency windows that are over); the usage
-        counters are separate and unaffected. Returns how many rows went."""
+        """Delete dead ledger rows (expired reservations, idempotency windows that are over), one short
+        transaction per device; the usage counters are separate and unaffected. Returns how many rows went."""
         now = time.time() if now is None else now
+        total = 0
+        for (device_id,) in self._read("SELECT device_id FROM rt2i_devices"):
 
-        def tx(cur: Any) -> int:
-            cur.execute(_PURGE, (now, now))
-            return max(cur.rowcount, 0)
+            def tx(cur: Any, device_id: str = device_id) -> int:
+                cur.execute(_PURGE, (device_id, now, now))
+                return max(cur.rowcount, 0)
 
-        return self._transact(tx)
+            total += self._transact(tx)
+        return total
 
 
 class _SqliteCursor:
@@ -669,7 +675,6 @@ class SqliteStore(QuotaStore):
             for col, typ in _COLUMNS:
                 if col not in have:
                     cur.execute(f"ALTER TABLE rt2i_charges ADD COLUMN {col} {typ}")
-            cur.execute(_EXPIRY_INDEX)
 
         self._transact(tx, retry=False)
 
@@ -811,7 +816,6 @@ class PostgresStore(QuotaStore):
                 cur.execute(stmt)
             for col, typ in _COLUMNS:
                 cur.execute(f"ALTER TABLE rt2i_charges ADD COLUMN IF NOT EXISTS {col} {typ}")
-            cur.execute(_EXPIRY_INDEX)
 
     def _integrity_problem(self) -> str | None:
         return None  # the server's own business (checksums, WAL); a write probe still runs
