@@ -44,7 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width (with --height)")
     p.add_argument("--height", type=int, help="image height (with --width)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    p.add_argument("--force", choices=["edge", "cloud"], help="skip the router's decision")
+    p.add_argument(
+        "--force",
+        choices=["edge", "cloud"],
+        help="skip the router's decision (--force cloud fails, exit 1, when the cloud cannot deliver, "
+        "unless --allow-fallback)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="a wanted cloud route that cannot be served fails (exit 1) instead of generating on the edge",
+    )
+    p.add_argument(
+        "--allow-fallback",
+        action="store_true",
+        help="generate on the edge when the cloud fails, even with --force cloud or strict = true",
+    )
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--local-only", action="store_true", help="keep this prompt on the device")
     p.add_argument("--target-rate", type=float, help="target share of cloud generations in [0, 1]")
@@ -144,12 +159,24 @@ def _generate(args: argparse.Namespace, client: Any, progress: _Progress) -> Any
         local_only=args.local_only,
         progress=progress,
         deadline_s=args.deadline,
+        strict=_strict(args),
     )
+
+
+def _strict(args: argparse.Namespace) -> bool | None:
+    """--allow-fallback: False; --strict or --force cloud: True; else None (the config's ``strict``)."""
+    if args.allow_fallback:
+        return False
+    if args.strict or args.force == "cloud":
+        return True
+    return None
 
 
 def run(args: argparse.Namespace, client_factory: Any = None) -> int:
     if (args.width is None) != (args.height is None):
         raise UsageError("--width and --height go together: give both or neither")
+    if args.strict and args.allow_fallback:
+        raise UsageError("--strict and --allow-fallback contradict each other: give one")
     if args.demo and args.config:
         raise UsageError("--demo uses its own tiny models and loopback cloud; drop --config (or --demo)")
     output = Path(args.output)
@@ -243,6 +270,11 @@ def main_with(args: argparse.Namespace, client_factory: Any = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ConnectionError as exc:  # a CloudError under --force cloud / strict: no edge fallback wanted
+        logger.debug("failure", exc_info=True)
+        hint = "" if args.allow_fallback else " (--allow-fallback generates on the edge instead)"
+        print(f"edge-generate: failed: {exc}{hint}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - one line, exit 1, traceback only with -v
         logger.debug("failure", exc_info=True)
         print(f"edge-generate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -433,12 +433,16 @@ class EdgeClient:
         local_only: bool = False,
         progress: Callable[[ProgressEvent], None] | None = None,
         deadline_s: float | None = None,
+        strict: bool | None = None,
     ) -> GenerateResult:
         """Route and generate one image. Arguments left None take the config's defaults, then the pipeline's.
 
         ``force`` "edge"/"cloud" skips the router's decision; ``local_only`` keeps this prompt on the device.
         ``progress`` receives a `ProgressEvent` per edge denoising step and per cloud stream event (from this
-        thread). ``deadline_s`` overrides the cloud time budget for this call.
+        thread). ``deadline_s`` overrides the cloud time budget for this call. ``strict`` (default: the
+        config's): when the cloud was wanted (router or ``force="cloud"``) and cannot deliver, raise the
+        `routet2i.CloudError` (`CloudUnavailable`, `CloudRejected`, `QuotaExhausted`) instead of
+        generating on the edge. Without it the cause is in ``result.cloud_error`` and logged as one WARNING.
         """
         cfg = self.config
         steps = num_inference_steps if num_inference_steps is not None else cfg.num_inference_steps
@@ -454,6 +458,10 @@ class EdgeClient:
             or deadline_s <= 0
         ):
             raise UsageError(f"deadline_s={deadline_s!r}: must be a finite number of seconds > 0")
+        if strict is None:
+            strict = cfg.strict
+        elif not isinstance(strict, bool):
+            raise UsageError(f"strict={strict!r}: must be True, False or None (the config's)")
         request_id = uuid.uuid4().hex
         if seed is None:
             seed = self._rng.randint(0, _MAX_SEED)
@@ -469,6 +477,14 @@ class EdgeClient:
         cloud_error = decision.details.get("cause")  # e.g. "circuit breaker open": decided without a call
         quota = self.state.quota
 
+        if strict and route == "edge" and reason in ("quota_exhausted", "cloud_unavailable"):
+            from routet2i.cloud_client import CloudUnavailable, QuotaExhausted
+
+            cause = cloud_error or ("quota exhausted" if reason == "quota_exhausted" else "cloud unavailable")
+            self._log(request_id, prompt, route, reason, decision, timings, quota, seed, cause, failed=True)
+            err_type = QuotaExhausted if reason == "quota_exhausted" else CloudUnavailable
+            raise err_type(f"{cause}; strict: not generating on the edge instead", request_id=request_id)
+
         if route == "cloud":
             assert self.cloud is not None
             from routet2i.cloud_client import CloudError, QuotaExhausted
@@ -482,23 +498,20 @@ class EdgeClient:
             t_cloud = time.perf_counter()
             try:
                 call = self.cloud.generate(req, on_progress=cb, deadline_s=deadline_s)
-            except QuotaExhausted as exc:
-                route, reason, cloud_error, attempts = "edge", "quota_exhausted", str(exc), exc.attempts
-                q = exc.quota
-                if q is None:  # QuotaFailure carries no period end: ask (free) so the device knows how long
-                    with contextlib.suppress(CloudError):
-                        q = self.cloud.get_quota(timeout=min(2.0, cfg.deadline_s))
-                if q is not None:
-                    self.state.set_quota(q)
-                known = self.state.quota
-                end = known.period_end_unix if known is not None and known.current(time.time()) else 0
-                self.state.mark_exhausted(exhaustion_end(end, time.time()))
-                quota = self.state.quota
-                timings["network"] = time.perf_counter() - t_cloud
             except CloudError as exc:
-                route, reason, cloud_error, attempts = "edge", exc.reason, str(exc), exc.attempts
                 timings["network"] = time.perf_counter() - t_cloud
-                logger.warning("cloud failed (%s), generating on the edge: %s", exc.reason, exc)
+                attempts = exc.attempts
+                if isinstance(exc, QuotaExhausted):
+                    self._remember_exhaustion(exc)
+                    quota = self.state.quota
+                if strict:
+                    self._log(
+                        request_id, prompt, "cloud", exc.reason, decision, timings, quota, seed, str(exc),
+                        failed=True,
+                    )  # fmt: skip
+                    raise
+                route, reason, cloud_error = "edge", exc.reason, str(exc)
+                logger.warning("cloud failed, generating on the edge: %s", exc)
             else:
                 resp = call.response
                 from PIL import Image
@@ -566,6 +579,21 @@ class EdgeClient:
         )
         self._log(request_id, prompt, route, reason, decision, timings, quota, seed, cloud_error)
         return result
+
+    def _remember_exhaustion(self, exc: Any) -> None:
+        """A QuotaExhausted answer: keep the quota and when the exhaustion ends (routes stay on the edge)."""
+        from routet2i.cloud_client import CloudError
+
+        assert self.cloud is not None
+        q = exc.quota
+        if q is None:  # QuotaFailure carries no period end: ask (free) so the device knows how long
+            with contextlib.suppress(CloudError):
+                q = self.cloud.get_quota(timeout=min(2.0, self.config.deadline_s))
+        if q is not None:
+            self.state.set_quota(q)
+        known = self.state.quota
+        end = known.period_end_unix if known is not None and known.current(time.time()) else 0
+        self.state.mark_exhausted(exhaustion_end(end, time.time()))
 
     def _cloud_request(self, request_id, prompt, negative, steps, guidance, width, height, seed, decision):
         from routet2i.cloud.v1 import cloud_pb2

@@ -45,6 +45,35 @@ _MAX_MESSAGE = 64 * 1024 * 1024
 _LOOPBACK = ("localhost", "127.", "[::1]", "::1", "unix:", "ipv4:127.", "ipv6:[::1]")
 
 
+def describe_rpc_error(code: grpc.StatusCode | None, details: str | None) -> str:
+    """``"UNAVAILABLE: connection refused"``, ``"UNAUTHENTICATED: unknown token"``: the status and why, short.
+
+    gRPC's connection details are long ("failed to connect to all addresses; last error: UNKNOWN:
+    ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused (111)"): the common causes are
+    named in a few words, anything else is kept (first line, at most 200 characters)."""
+    text = (details or "").strip().splitlines()[0] if (details or "").strip() else ""
+    low = text.lower()
+    for needle, short in (
+        ("connection refused", "connection refused"),
+        ("dns resolution failed", "host name not resolved"),
+        ("name or service not known", "host name not resolved"),
+        ("connection reset", "connection reset"),
+        ("network is unreachable", "network unreachable"),
+        ("no route to host", "no route to host"),
+        ("ssl", "TLS handshake failed: " + text[:160]),
+        ("handshake", "TLS handshake failed: " + text[:160]),
+        ("deadline exceeded", "deadline exceeded"),
+    ):
+        if needle in low:
+            text = short
+            break
+    if not text and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        text = "deadline exceeded"
+    text = text[:200]
+    name = code.name if code is not None else "no status"
+    return f"{name}: {text}" if text else name
+
+
 class CloudError(ConnectionError):
     """The cloud did not produce an image. ``reason`` is the `GenerateResult.reason` of the fallback."""
 
@@ -134,7 +163,8 @@ class CircuitBreaker:
             self._trial_in_flight = False
             if self._opened_at is not None or self._consecutive >= self.failures:
                 if self._opened_at is None:
-                    logger.warning("cloud unreachable: circuit breaker open for %.0f s", self.reset_s)
+                    # INFO: the failed call's fallback already logged one WARNING with the cause
+                    logger.info("cloud unreachable: circuit breaker open for %.0f s", self.reset_s)
                 self._opened_at = self._clock()
 
 
@@ -315,6 +345,7 @@ class CloudClient:
         end = start + budget
         attempt = 0
         last_code: grpc.StatusCode | None = None
+        last_details: str | None = None
         while True:
             remaining = end - time.monotonic()
             if remaining <= 0:
@@ -325,6 +356,7 @@ class CloudClient:
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
                 last_code = code
+                last_details = err.details() if hasattr(err, "details") else str(err)
                 if code in RETRYABLE:
                     if attempt < self.retries:
                         pause = self._backoff(attempt)
@@ -350,9 +382,10 @@ class CloudClient:
             self.breaker.success()
             return CloudCall(response, attempt + 1, time.monotonic() - start)
         self.breaker.failure()
+        cause = describe_rpc_error(last_code, last_details) if last_code else "deadline spent before a call"
         raise CloudUnavailable(
-            f"cloud {self.target} unavailable after {attempt + 1} attempt(s) in {time.monotonic() - start:.2f} s "
-            f"(last status {last_code.name if last_code else 'none: deadline spent'})",
+            f"cloud {self.target} unavailable after {attempt + 1} attempt(s) in "
+            f"{time.monotonic() - start:.2f} s: {cause}",
             code=last_code,
             request_id=rid,
             attempts=attempt + 1,
@@ -368,21 +401,23 @@ class CloudClient:
                 raise QuotaExhausted(
                     f"cloud quota exhausted for {subject or 'this device'}: {details}", quota=quota, **kw
                 )
-            raise CloudUnavailable(f"cloud overloaded: {details}", **kw)
-        raise CloudRejected(f"cloud refused the request ({code.name}): {details}", **kw)
+            raise CloudUnavailable(f"cloud overloaded: {describe_rpc_error(code, details)}", **kw)
+        raise CloudRejected(f"cloud refused the request: {describe_rpc_error(code, details)}", **kw)
 
     def get_quota(self, timeout: float = 5.0) -> QuotaInfo:
-        """The device's quota now (not charged). Raises a `CloudError` subclass on failure."""
-        if not self.breaker.allow():
+        """The device's quota now (not charged). Raises a `CloudError` subclass on failure.
+
+        Only generations count for the circuit breaker: a failed GetQuota (say at start-up, before the
+        network is up) neither opens it nor takes its half-open trial, so the next generation still tries."""
+        if not self.breaker.would_allow():
             raise CloudUnavailable(f"cloud {self.target} is unreachable (circuit breaker open)")
         try:
             q = self._stub.GetQuota(cloud_pb2.GetQuotaRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
             if code in RETRYABLE:
-                self.breaker.failure()
                 raise CloudUnavailable(
-                    f"cloud {self.target} unavailable: {err.details()}", code=code
+                    f"cloud {self.target} unavailable: {describe_rpc_error(code, err.details())}", code=code
                 ) from None
             self._raise_for(err, code, "", 1)
             raise  # unreachable

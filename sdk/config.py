@@ -91,6 +91,8 @@ class ClientConfig:
     pacing_window_s: float = 7 * 86400.0  # how far back request times count for the rate estimate
     pacing_min_span_s: float | None = None  # the rate estimate spans at least this long (a burst is not a
     # trend); None: the quota period's length (a day, a month), at most pacing_window_s
+    strict: bool = False  # True: a wanted cloud route that cannot be served raises (a `CloudError`)
+    # instead of generating on the edge; generate(strict=...) overrides it per call
     local_only_patterns: list[str] = field(default_factory=list)  # regexes: a match keeps the prompt local
     local_only_keywords: list[str] = field(default_factory=list)  # words (case-insensitive, whole word)
     # --- [log]
@@ -127,6 +129,8 @@ class ClientConfig:
                     "setting (budget is its alias); give one"
                 )
             self.target_cloud_rate = self.budget
+        if not isinstance(self.strict, bool):
+            raise UsageError(f"strict={self.strict!r}: must be true or false")
         if self.calibration not in ("online", "static"):
             raise UsageError(f"calibration={self.calibration!r}: must be 'online' or 'static'")
         if (
@@ -240,6 +244,7 @@ _SECTIONS: dict[str, str | None] = {
     "pacing_min_requests": "policy",
     "pacing_window_s": "policy",
     "pacing_min_span_s": "policy",
+    "strict": "policy",
     "local_only_patterns": "policy",
     "local_only_keywords": "policy",
     "decision_log": "log",
