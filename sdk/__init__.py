@@ -10,17 +10,58 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncEdgeClient", "EdgeClient", "GenerateResult", "RouteDecision", "__version__"]
+__all__ = [
+    "AsyncEdgeClient",
+    "BundleError",
+    "BundleFileMissing",
+    "CloudError",
+    "CloudRejected",
+    "CloudUnavailable",
+    "EdgeClient",
+    "GenerateResult",
+    "GenerationCancelled",
+    "ProgressEvent",
+    "QuotaExhausted",
+    "RouteDecision",
+    "UsageError",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from routet2i._errors import (
+        BundleError,
+        BundleFileMissing,
+        CloudError,
+        CloudRejected,
+        CloudUnavailable,
+        GenerationCancelled,
+        QuotaExhausted,
+        UsageError,
+    )
     from routet2i.client import AsyncEdgeClient, EdgeClient, GenerateResult, RouteDecision
+    from routet2i.progress import ProgressEvent
 
-# Exported lazily (PEP 562): `import routet2i` stays light; onnxruntime, grpc, PIL load on first use.
+# Exported lazily (PEP 562): `import routet2i` stays light; onnxruntime, grpc, PIL load on first use. The
+# error types and ProgressEvent import nothing heavy.
 _LAZY = {
     "EdgeClient": "routet2i.client",
     "AsyncEdgeClient": "routet2i.client",
     "GenerateResult": "routet2i.client",
     "RouteDecision": "routet2i.client",
+    "ProgressEvent": "routet2i.progress",
+    **{
+        name: "routet2i._errors"
+        for name in (
+            "BundleError",
+            "BundleFileMissing",
+            "CloudError",
+            "CloudRejected",
+            "CloudUnavailable",
+            "GenerationCancelled",
+            "QuotaExhausted",
+            "UsageError",
+        )
+    },
 }
 
 

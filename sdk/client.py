@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from routet2i._errors import UsageError
+from routet2i._errors import GenerationCancelled, UsageError
 from routet2i.config import ClientConfig, load_config
 from routet2i.decision_log import DecisionLog
 from routet2i.policy import (
@@ -42,6 +42,7 @@ from routet2i.policy import (
     RoutingPolicy,
     exhaustion_end,
 )
+from routet2i.progress import ProgressEvent
 
 if TYPE_CHECKING:  # pragma: no cover
     import grpc
@@ -54,16 +55,6 @@ __all__ = ["AsyncEdgeClient", "EdgeClient", "GenerateResult", "ProgressEvent", "
 
 _QUOTA_REFRESH_S = 300.0  # at most one GetQuota per this many seconds when pacing needs a fresh quota
 _MAX_SEED = 2**32 - 1
-
-
-@dataclass
-class ProgressEvent:
-    """One progress report of a generation, edge denoising step or cloud stream event."""
-
-    route: str  # "edge" | "cloud"
-    step: int  # steps done so far
-    total_steps: int  # steps in this generation
-    request_id: str  # the generation this belongs to
 
 
 @dataclass
@@ -135,6 +126,11 @@ def _cloud_key(endpoint: str | None, token: str | None) -> str | None:
     if not endpoint:
         return None
     return hashlib.sha256(f"{endpoint}\n{token or ''}".encode()).hexdigest()[:16]
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise GenerationCancelled("generation cancelled")
 
 
 def _round(x: float) -> float:
@@ -434,6 +430,7 @@ class EdgeClient:
         progress: Callable[[ProgressEvent], None] | None = None,
         deadline_s: float | None = None,
         strict: bool | None = None,
+        cancel: threading.Event | None = None,
     ) -> GenerateResult:
         """Route and generate one image. Arguments left None take the config's defaults, then the pipeline's.
 
@@ -443,6 +440,9 @@ class EdgeClient:
         config's): when the cloud was wanted (router or ``force="cloud"``) and cannot deliver, raise the
         `routet2i.CloudError` (`CloudUnavailable`, `CloudRejected`, `QuotaExhausted`) instead of
         generating on the edge. Without it the cause is in ``result.cloud_error`` and logged as one WARNING.
+        ``cancel``: a `threading.Event`; set from another thread, the edge run stops at the next denoising
+        step (the device is free again at once) and a cloud stream is cancelled at its next event; raises
+        `routet2i.GenerationCancelled`. Cancelling an `AsyncEdgeClient.generate` task sets it.
         """
         cfg = self.config
         steps = num_inference_steps if num_inference_steps is not None else cfg.num_inference_steps
@@ -493,8 +493,13 @@ class EdgeClient:
                 request_id, prompt, negative, steps, guidance, width, height, seed, decision
             )
             cb = None
-            if progress is not None and cfg.stream:
-                cb = lambda s, t: progress(ProgressEvent("cloud", s, t, request_id))  # noqa: E731
+            if (progress is not None or cancel is not None) and cfg.stream:
+
+                def cb(step: int, total: int) -> None:
+                    _check_cancel(cancel)
+                    if progress is not None:
+                        progress(ProgressEvent("cloud", step, total, request_id))
+
             t_cloud = time.perf_counter()
             try:
                 call = self.cloud.generate(req, on_progress=cb, deadline_s=deadline_s)
@@ -537,7 +542,7 @@ class EdgeClient:
                         raise ConnectionError(f"no edge bundle configured to fall back on: {cloud_error}")
                     raise UsageError("no edge bundle configured: pass edge=... (or force='cloud')")
                 image, t_queue, t_gen = self._edge_generate(
-                    request_id, prompt, negative, steps, guidance, width, height, seed, progress
+                    request_id, prompt, negative, steps, guidance, width, height, seed, progress, cancel
                 )
             except BaseException:  # logged as a failed decision, then raised
                 self._log(
@@ -617,7 +622,9 @@ class EdgeClient:
             req.guidance_scale = float(guidance)
         return req
 
-    def _edge_generate(self, request_id, prompt, negative, steps, guidance, width, height, seed, progress):
+    def _edge_generate(
+        self, request_id, prompt, negative, steps, guidance, width, height, seed, progress, cancel=None
+    ):
         kwargs: dict[str, Any] = {"negative_prompt": negative or None, "seed": seed}
         if steps is not None:
             kwargs["num_inference_steps"] = steps
@@ -627,13 +634,18 @@ class EdgeClient:
             kwargs["width"] = width
         if height is not None:
             kwargs["height"] = height
-        if progress is not None:
-            kwargs["callback"] = lambda step, total, *_: progress(
-                ProgressEvent("edge", int(step), int(total), request_id)
-            )
+        if progress is not None or cancel is not None:
+
+            def on_step(step: int, total: int, *_: Any) -> None:
+                if progress is not None:
+                    progress(ProgressEvent("edge", int(step), int(total), request_id))
+                _check_cancel(cancel)  # raised inside the denoising loop: the run stops at this step
+
+            kwargs["callback"] = on_step
         t0 = time.perf_counter()
         with self._edge_lock:
             t1 = time.perf_counter()
+            _check_cancel(cancel)  # cancelled while waiting for the device
             image = self.edge(prompt, **kwargs)
         return image, t1 - t0, time.perf_counter() - t1
 
@@ -670,7 +682,8 @@ class EdgeClient:
 
 class AsyncEdgeClient:
     """asyncio twin of `EdgeClient`: generations run in worker threads, so the event loop stays free;
-    ``progress`` callbacks are delivered on the event loop's thread."""
+    ``progress`` callbacks are delivered on the event loop's thread. Cancelling a ``generate`` task stops
+    its edge run at the next denoising step (the device is free for the next call at once)."""
 
     def __init__(self, *args: Any, max_workers: int = 2, **kwargs: Any) -> None:
         self._client = kwargs.pop("client", None) or EdgeClient(*args, **kwargs)
@@ -687,28 +700,44 @@ class AsyncEdgeClient:
         """The synchronous client underneath (policy, state, config)."""
         return self._client
 
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
     async def generate(
         self, prompt: str, *, progress: Callable[[ProgressEvent], Any] | None = None, **kwargs: Any
     ) -> GenerateResult:
-        """Same arguments as `EdgeClient.generate`."""
+        """Same arguments as `EdgeClient.generate` (except ``cancel``: cancel the task instead)."""
+        if "cancel" in kwargs:
+            raise UsageError("AsyncEdgeClient.generate: cancel the task instead of passing cancel=")
         loop = asyncio.get_running_loop()
         cb = None
         if progress is not None:
             cb = lambda ev: loop.call_soon_threadsafe(progress, ev)  # noqa: E731
-        fn = functools.partial(self._client.generate, prompt, progress=cb, **kwargs)
-        return await loop.run_in_executor(self._executor, fn)
+        cancel = threading.Event()
+        fn = functools.partial(self._client.generate, prompt, progress=cb, cancel=cancel, **kwargs)
+        try:
+            return await self._run(fn)
+        except asyncio.CancelledError:
+            cancel.set()  # the worker thread stops at its next denoising step / stream event
+            raise
 
     async def route(self, prompt: str, **kwargs: Any) -> RouteDecision:
         """Same arguments as `EdgeClient.route` (router inference runs in a worker thread)."""
-        fn = functools.partial(self._client.route, prompt, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await self._run(functools.partial(self._client.route, prompt, **kwargs))
+
+    async def quota(self) -> QuotaInfo | None:
+        """The last quota the cloud reported (may be stale), or None: `EdgeClient.quota` (no network)."""
+        return await self._run(self._client.quota)
 
     async def refresh_quota(self) -> QuotaInfo | None:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._client.refresh_quota)
+        """Ask the cloud for the device's quota now (not charged); None when it cannot be reached."""
+        return await self._run(self._client.refresh_quota)
 
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=True)
-        self._client.close()
+        """Wait for the running generations and close, without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
+        await loop.run_in_executor(None, self._client.close)
 
     async def __aenter__(self) -> AsyncEdgeClient:
         return self

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from routet2i._errors import CloudError, CloudRejected, CloudUnavailable, QuotaExhausted  # noqa: F401 - re-exported
 from routet2i.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 from routet2i.policy import QuotaInfo
 
@@ -72,42 +73,6 @@ def describe_rpc_error(code: grpc.StatusCode | None, details: str | None) -> str
     text = text[:200]
     name = code.name if code is not None else "no status"
     return f"{name}: {text}" if text else name
-
-
-class CloudError(ConnectionError):
-    """The cloud did not produce an image. ``reason`` is the `GenerateResult.reason` of the fallback."""
-
-    reason = "cloud_error"
-
-    def __init__(
-        self, message: str, *, code: grpc.StatusCode | None = None, request_id: str = "", attempts: int = 0
-    ):
-        super().__init__(message)
-        self.code = code  # last gRPC status code (None: no call was made)
-        self.request_id = request_id  # the idempotency key the attempts used
-        self.attempts = attempts  # RPC attempts made
-
-
-class CloudUnavailable(CloudError):
-    """The cloud could not be reached in time (after retries), is overloaded, or the breaker is open."""
-
-    reason = "cloud_unavailable"
-
-
-class CloudRejected(CloudError):
-    """The cloud answered with an error that a retry would not fix (INVALID_ARGUMENT, UNAUTHENTICATED...)."""
-
-    reason = "cloud_error"
-
-
-class QuotaExhausted(CloudError):
-    """No cloud units left this period (RESOURCE_EXHAUSTED with a QuotaFailure detail)."""
-
-    reason = "quota_exhausted"
-
-    def __init__(self, message: str, *, quota: QuotaInfo | None = None, **kw: Any):
-        super().__init__(message, **kw)
-        self.quota = quota  # the quota status, when the server sent one
 
 
 class CircuitBreaker:

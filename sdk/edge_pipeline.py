@@ -34,6 +34,7 @@ from routet2i.ort import (
     provider_name,
     resolve_providers,
 )
+from routet2i.progress import ProgressEvent
 from routet2i.schedulers import Scheduler, load_scheduler_config, scheduler_from_config
 
 logger = logging.getLogger(__name__)
@@ -486,12 +487,15 @@ class EdgePipeline:
         callback: ProgressCallback | None = None,
         output_type: str = "pil",
         progress_bar: bool = False,
+        progress: Callable[[ProgressEvent], None] | None = None,
     ) -> Any:
         """Generate one image. Returns a ``PIL.Image.Image`` (``output_type="np"``: float32 HxWx3 in [0, 1]).
 
         ``latents``: initial noise [1, 4, height/8, width/8] (before scaling by the scheduler's
         ``init_noise_sigma``, as in diffusers); default: standard normal from ``seed``.
-        ``callback(step, total_steps, timestep, latents)`` runs after every denoising step (step from 1).
+        ``callback(step, total_steps, timestep, latents)`` runs after every denoising step (step from 1);
+        ``progress`` gets a `routet2i.ProgressEvent` then (the same callback `EdgeClient.generate` takes).
+        An exception raised by either stops the run there (how `EdgeClient` cancels).
         Raises ValueError naming the argument for bad input.
         """
         width = self.default_size if width is None else width
@@ -540,6 +544,8 @@ class EdgePipeline:
             latents = scheduler.step(noise_pred, t, latents)
             if callback is not None:
                 callback(i + 1, total, t, latents)
+            if progress is not None:
+                progress(ProgressEvent("edge", i + 1, total))
 
         image = self.decode(latents)
         if output_type == "np":
