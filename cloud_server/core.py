@@ -4,8 +4,13 @@ The gRPC servicer (`servicer.py`) only translates protobuf <-> these dataclasses
 status codes. Everything here raises `routet2i.cloud_server.errors.CloudError` subclasses, whose messages
 are safe to show a client.
 
-Charging rule: one unit per successful generation. A unit is reserved before the request is queued,
-committed after the image is encoded, and released on every other outcome (bad pipeline call, cancelled,
+Models: the core serves one or more named pipelines, each behind its own batcher; the first is the default
+(what a request with an empty `model` gets). Each model costs a whole number of quota units per image
+(`costs`, default 1).
+
+Charging rule: the model's cost in units per successful generation. The units are reserved before the
+request is queued (all or nothing: not enough left is `QuotaExhausted`), committed after the image is
+encoded, and released on every other outcome (bad pipeline call, cancelled,
 deadline, shed, shutdown). The reservation is bound to `request_binding` (every parameter that shapes the
 image, with server defaults applied and the model the server will use) and the seed: an exact retry of a
 committed request_id is re-generated with its first seed and not charged again; the same id with other
@@ -22,7 +27,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -95,6 +100,7 @@ class GenerateInput:
     guidance_scale: float | None = None  # None: server default
     seed: int | None = None  # None: the server picks one
     routing: dict[str, Any] = field(default_factory=dict)  # the device's routing info, for logs only
+    model: str = ""  # a served model's name; "": the server's default model
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class GenerateResult:
     queue_seconds: float  # waiting for a batch slot
     generate_seconds: float  # the pipeline call of its batch
     charged: bool  # False when the request_id had already been charged (a replay)
+    units_charged: int = 0  # quota units this call charged (the model's cost; 0 on a replay)
 
 
 def validate(req: GenerateInput, cfg: ServerConfig, pipeline: Pipeline) -> GenParams:
@@ -167,26 +174,76 @@ def request_binding(model: str, params: GenParams) -> bytes:
     return json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
+MAX_MODEL_NAME_CHARS = 100
+PipelineSpec = Pipeline | Callable[[], Pipeline]
+
+
+def check_model_name(name: str) -> str:
+    """A served model's name: 1-100 printable characters without spaces, '=' or ','."""
+    if (
+        not isinstance(name, str) or not 1 <= len(name) <= MAX_MODEL_NAME_CHARS
+        or any(not ch.isprintable() or ch.isspace() or ch in "=," for ch in name)
+    ):  # fmt: skip
+        raise ValueError(
+            f"model name {clip(name, 120)!r} is not allowed: use 1-{MAX_MODEL_NAME_CHARS} printable "
+            "characters without spaces, '=' or ','"
+        )
+    return name
+
+
+def check_costs(costs: Mapping[str, int], served: list[str]) -> dict[str, int]:
+    """Every served model's cost in quota units (default 1); ValueError for a cost of a model not served or
+    a cost that is not a whole number >= 1."""
+    for name, units in costs.items():
+        if name not in served:
+            raise ValueError(
+                f"--cost {clip(name, 120)}: no such model is served; served: {', '.join(served)}"
+            )
+        if isinstance(units, bool) or not isinstance(units, int) or not 1 <= units <= 2**31 - 1:
+            raise ValueError(f"--cost {name}={units!r}: use a whole number of units from 1 to 2**31-1")
+    return {name: int(costs.get(name, 1)) for name in served}
+
+
 class CloudCore:
-    """One endpoint's state: the store, the pipeline (loaded later if given as a loader) and the batcher."""
+    """One endpoint's state: the store, the served pipelines (loaded later if given as loaders), one batcher
+    per pipeline, and each model's cost in quota units.
+
+    `pipeline` is one pipeline (or loader; served under its `model_name`) or a mapping name -> pipeline (or
+    loader), the first the default model. `costs` maps served names to units per image (default 1)."""
 
     def __init__(
         self,
         store: QuotaStore,
-        pipeline: Pipeline | Callable[[], Pipeline],
+        pipeline: PipelineSpec | Mapping[str, PipelineSpec],
         config: ServerConfig | None = None,
         metrics: Metrics | None = None,
         instance_id: str | None = None,
+        costs: Mapping[str, int] | None = None,
     ) -> None:
+        if isinstance(pipeline, Mapping):
+            if not pipeline:
+                raise ValueError("no pipeline to serve: give at least one")
+            self._specs: list[tuple[str | None, PipelineSpec]] = [
+                (check_model_name(k), v) for k, v in pipeline.items()
+            ]
+        else:
+            self._specs = [(None, pipeline)]
+        self._costs_wanted = dict(costs or {})
+        named = [n for n, _ in self._specs]
+        if None not in named:  # every name known now: a bad cost is refused before anything loads
+            check_costs(self._costs_wanted, named)  # type: ignore[arg-type]
         self.store = store
         self.config = config or ServerConfig()
         self.metrics = metrics or Metrics()
         # who holds this server's reservations in the ledger; a random one is never reused by a restart
         self.instance_id = instance_id or self.config.instance_id or f"anon-{uuid.uuid4().hex[:16]}"
         self._purger: asyncio.Task | None = None
-        self._pipeline_or_loader = pipeline
-        self.pipeline: Pipeline | None = None
-        self.batcher: Batcher | None = None
+        self.models: dict[str, Pipeline] = {}  # served name -> pipeline, the default first (after start)
+        self.batchers: dict[str, Batcher] = {}  # served name -> its batcher
+        self.costs: dict[str, int] = {}  # served name -> quota units per image
+        self.default_model = ""  # what a request with an empty model gets (the first pipeline)
+        self.pipeline: Pipeline | None = None  # the default model's pipeline
+        self.batcher: Batcher | None = None  # the default model's batcher
         self._shutting_down = False
         self._active: dict[int, Reservation] = {}
 
@@ -194,9 +251,26 @@ class CloudCore:
     def ready(self) -> bool:
         return self.batcher is not None and not self._shutting_down
 
+    def model_table(self) -> list[tuple[str, int]]:
+        """(name, cost in units) of every served model, the default first."""
+        return [(name, self.costs[name]) for name in self.models]
+
+    def resolve_model(self, model: str) -> str:
+        """The served name a request's `model` selects ("" : the default); `InvalidArgument` naming the served
+        models otherwise."""
+        if not model:
+            return self.default_model
+        if model in self.models:
+            return model
+        raise InvalidArgument(
+            "model",
+            f"{clip(model, MAX_MODEL_NAME_CHARS)!r} is not served here; served models: "
+            f"{', '.join(self.models)} (empty: {self.default_model})",
+        )
+
     async def start(self) -> None:
-        """Free what a killed predecessor with this instance id still holds, load the pipeline (in a thread:
-        the server already answers health NOT_SERVING) and start batching."""
+        """Free what a killed predecessor with this instance id still holds, load the pipelines in order (in
+        a thread: the server already answers health NOT_SERVING) and start one batcher per model."""
         n_res, n_leases = await asyncio.to_thread(self.store.release_owner, self.instance_id)
         if n_res or n_leases:
             logger.warning(
@@ -204,12 +278,25 @@ class CloudCore:
                 n_res, n_leases, clip(self.instance_id),
             )  # fmt: skip
         self._purger = asyncio.ensure_future(self._purge_loop())
-        p = self._pipeline_or_loader
-        pipeline = p if hasattr(p, "generate") else await asyncio.to_thread(p)  # type: ignore[operator]
-        self.pipeline = pipeline  # type: ignore[assignment]
+        models: dict[str, Pipeline] = {}
+        for name, p in self._specs:
+            pipeline = p if hasattr(p, "generate") else await asyncio.to_thread(p)  # type: ignore[operator]
+            name = check_model_name(name or pipeline.model_name)  # type: ignore[union-attr]
+            if name in models:
+                raise ValueError(f"--pipeline {name}: served twice; give each pipeline its own NAME=")
+            models[name] = pipeline  # type: ignore[assignment]
+        costs = check_costs(self._costs_wanted, list(models))
         c = self.config
-        self.batcher = Batcher(pipeline, c.max_batch, c.max_queue, c.batch_window_s, self.metrics)  # type: ignore[arg-type]
-        self.batcher.start()
+        batchers = {
+            name: Batcher(pipe, c.max_batch, c.max_queue, c.batch_window_s, self.metrics)
+            for name, pipe in models.items()
+        }
+        self.models, self.costs, self.default_model = models, costs, next(iter(models))
+        self.pipeline = models[self.default_model]
+        for batcher in batchers.values():
+            batcher.start()
+        self.batchers = batchers
+        self.batcher = batchers[self.default_model]
         self.metrics.ready.set(1)
 
     async def _purge_loop(self) -> None:
@@ -260,19 +347,27 @@ class CloudCore:
         logger.debug("prompt request_id=%s prompt=%s", clip(request_id), clip(req.prompt, 500))
         if not self.ready or self.pipeline is None or self.batcher is None:
             raise NotReady("the server is not ready (model loading or shutting down); retry later")
-        params = validate(req, self.config, self.pipeline)
-        binding = request_binding(self.pipeline.model_name, params)
+        model = self.resolve_model(req.model)
+        pipeline, batcher, units = self.models[model], self.batchers[model], self.costs[model]
+        log["model"] = model
+        params = validate(req, self.config, pipeline)
+        binding = request_binding(model, params)
         reserving = asyncio.ensure_future(
             asyncio.to_thread(
                 self.store.reserve, device, request_id, req.seed, self.reservation_ttl(deadline),
-                binding=binding, owner=self.instance_id, keep_s=self.config.idempotency_s,
+                binding=binding, owner=self.instance_id, keep_s=self.config.idempotency_s, units=units,
             )
         )  # fmt: skip
         try:
             res = await asyncio.shield(reserving)
-        except QuotaExhausted:
+        except QuotaExhausted as e:
             self.metrics.quota_denials.inc()
-            raise
+            denied = QuotaExhausted(e.device_id, e.limit, e.used, e.period, e.reserved, units, model)
+            try:
+                denied.quota = await asyncio.to_thread(self.store.quota, device)
+            except Exception:  # noqa: BLE001 - the denial stands without the snapshot detail
+                pass
+            raise denied from None
         except asyncio.CancelledError:  # the reservation may still land in its thread: give it back then
             reserving.add_done_callback(self._release_when_reserved)
             raise
@@ -285,7 +380,7 @@ class CloudCore:
         job: Job | None = None
         try:
             job = Job(params, deadline, asyncio.get_running_loop().create_future(), on_progress)
-            self.batcher.submit(job)
+            batcher.submit(job)
             image, queue_s, gen_s = await job.future
             log.update(queue_s=round(queue_s, 4), gen_s=round(gen_s, 4))
             png = await asyncio.to_thread(encode_png, image)
@@ -298,17 +393,20 @@ class CloudCore:
         finally:
             self._active.pop(key, None)
         log["charged"] = res.charged
+        if res.charged:
+            log["units"] = units
         snap = await asyncio.to_thread(self.store.quota, device)
         return GenerateResult(
             png,
             params.width,
             params.height,
-            self.pipeline.model_name,
+            model,
             res.seed,
             snap,
             queue_s,
             gen_s,
             res.charged,
+            units if res.charged else 0,
         )
 
     def _release_when_reserved(self, reserving: asyncio.Future) -> None:
@@ -319,8 +417,8 @@ class CloudCore:
         """Stop accepting generations; in-flight ones continue."""
         self._shutting_down = True
         self.metrics.ready.set(0)
-        if self.batcher is not None:
-            self.batcher.begin_shutdown()
+        for batcher in self.batchers.values():
+            batcher.begin_shutdown()
 
     async def close(self) -> None:
         """Abort unfinished work and release every reservation it still holds."""
@@ -328,8 +426,8 @@ class CloudCore:
         if self._purger is not None:
             self._purger.cancel()
             await asyncio.gather(self._purger, return_exceptions=True)
-        if self.batcher is not None:
-            await self.batcher.close()
+        for batcher in self.batchers.values():
+            await batcher.close()
         for res in list(self._active.values()):
             await _release(self.store, res)
         self._active.clear()

@@ -24,18 +24,27 @@ class Unauthenticated(CloudError):
 
 
 class QuotaExhausted(CloudError):
-    """The device has no units left in its current period."""
+    """The device has fewer units left in its current period than the request's model costs."""
 
-    def __init__(self, device_id: str, limit: int, used: int, period: str, reserved: int = 0) -> None:
+    def __init__(
+        self, device_id: str, limit: int, used: int, period: str, reserved: int = 0, units: int = 1,
+        model: str = "",
+    ) -> None:  # fmt: skip
         per = "in total" if period == "total" else f"per {period}"
+        left = max(limit - used - reserved, 0)
+        what = f"model {model!r} costs" if model else "this request needs"
         super().__init__(
-            f"quota exhausted for device {device_id!r}: limit {limit} {per}, {used} used, {reserved} in progress"
+            f"quota exhausted for device {device_id!r}: limit {limit} units {per}, {used} used, {reserved} in "
+            f"progress, {left} left; {what} {units} unit{'s' if units != 1 else ''}"
         )
         self.device_id = device_id
         self.limit = limit
         self.used = used
         self.reserved = reserved
         self.period = period
+        self.units = units
+        self.model = model
+        self.quota: object = None  # the core may attach the device's QuotaSnapshot (sent as a detail)
 
 
 class Overloaded(CloudError):

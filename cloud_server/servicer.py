@@ -1,7 +1,8 @@
 """The gRPC face of the endpoint: a thin servicer over `CloudCore`, the status table, `create_server`.
 
 `STATUS_CODES` is the ONE place where domain errors become gRPC status codes. Quota denials carry a
-`google.rpc.QuotaFailure` detail (subject = device id) in the rich status (`grpc-status-details-bin`).
+`google.rpc.QuotaFailure` detail (subject = device id, description in units) and, when it could be read, the
+device's `QuotaStatus` (with the served models and their costs) in the rich status (`grpc-status-details-bin`).
 Any other exception is logged here with its traceback and reaches the client as INTERNAL with a short
 reference id only.
 
@@ -22,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,9 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 }
 
 
-def status_for(exc: BaseException) -> grpc.Status:
-    """The status a client sees for `exc` (rich status with QuotaFailure for quota denials)."""
+def status_for(exc: BaseException, core: CloudCore | None = None) -> grpc.Status:
+    """The status a client sees for `exc` (rich status with QuotaFailure, and QuotaStatus when known, for
+    quota denials; `core` names the served models in that QuotaStatus)."""
     code = next((c for cls, c in STATUS_CODES.items() if isinstance(exc, cls)), None)
     if isinstance(exc, StoreUnavailable):
         logger.error("quota store fault: %s", clip(exc.detail, 500))
@@ -90,6 +92,10 @@ def status_for(exc: BaseException) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(error_details_pb2.QuotaFailure(violations=[violation]))
         details.append(packed)
+        if isinstance(exc.quota, QuotaSnapshot):
+            packed = any_pb2.Any()
+            packed.Pack(quota_pb(exc.quota, core))
+            details.append(packed)
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=details))
 
 
@@ -121,20 +127,25 @@ def _input(request: cloud_pb2.GenerateRequest) -> GenerateInput:
         guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
         seed=request.seed if request.HasField("seed") else None,
         routing=routing,
+        model=request.model,
     )
 
 
-def quota_pb(q: QuotaSnapshot) -> cloud_pb2.QuotaStatus:
+def quota_pb(q: QuotaSnapshot, core: CloudCore | None = None) -> cloud_pb2.QuotaStatus:
+    """The QuotaStatus message (in units) of `q`, listing `core`'s served models and their costs."""
+    models = [cloud_pb2.ModelInfo(name=n, cost=c) for n, c in core.model_table()] if core is not None else []
     return cloud_pb2.QuotaStatus(
         device_id=q.device_id, limit=q.limit, used=q.used, remaining=q.remaining, period=q.period,
-        period_end_unix=q.period_end_unix,
+        period_end_unix=q.period_end_unix, models=models,
+        default_model=core.default_model if core is not None else "", reserved=q.reserved,
     )  # fmt: skip
 
 
-def _response(r: GenerateResult) -> cloud_pb2.GenerateResponse:
+def _response(r: GenerateResult, core: CloudCore | None = None) -> cloud_pb2.GenerateResponse:
     return cloud_pb2.GenerateResponse(
-        image_png=r.image_png, width=r.width, height=r.height, model=r.model, seed=r.seed, quota=quota_pb(r.quota),
-        queue_seconds=r.queue_seconds, generate_seconds=r.generate_seconds,
+        image_png=r.image_png, width=r.width, height=r.height, model=r.model, seed=r.seed,
+        quota=quota_pb(r.quota, core), queue_seconds=r.queue_seconds, generate_seconds=r.generate_seconds,
+        units_charged=r.units_charged,
     )  # fmt: skip
 
 
@@ -219,7 +230,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
         self, method: str, t0: float, log: dict, exc: BaseException | None, context: Any
     ) -> None:
         cancelled = isinstance(exc, asyncio.CancelledError)  # client went away, deadline, or shutdown
-        status = None if exc is None or cancelled else status_for(exc)
+        status = None if exc is None or cancelled else status_for(exc, self.core)
         code = (
             grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.OK if status is None else status.code
         )
@@ -249,7 +260,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
             await self._finish("Generate", t0, log, exc, context)
             raise
         await self._finish("Generate", t0, log, None, context)
-        return _response(result)
+        return _response(result, self.core)
 
     async def GenerateStream(
         self, request: cloud_pb2.GenerateRequest, context: Any
@@ -285,7 +296,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
             await self._finish("GenerateStream", t0, log, exc, context)
             raise
         await self._finish("GenerateStream", t0, log, None, context)
-        yield cloud_pb2.GenerateEvent(result=_response(result))
+        yield cloud_pb2.GenerateEvent(result=_response(result, self.core))
 
     async def GetQuota(self, request: cloud_pb2.GetQuotaRequest, context: Any) -> cloud_pb2.QuotaStatus:
         t0, log = time.monotonic(), {}
@@ -297,7 +308,7 @@ class CloudGenerationServicer(cloud_pb2_grpc.CloudGenerationServicer):
             await self._finish("GetQuota", t0, log, exc, context)
             raise
         await self._finish("GetQuota", t0, log, None, context)
-        return quota_pb(snap)
+        return quota_pb(snap, self.core)
 
 
 def _listen_port(listen: str) -> int | None:
@@ -367,9 +378,12 @@ class CloudServer:
         await self.grpc_server.wait_for_termination()
 
 
+PipelineArg = Pipeline | str | Callable[[], Pipeline]
+
+
 async def create_server(
     store: QuotaStore | str,
-    pipeline: Pipeline | str | Callable[[], Pipeline],
+    pipeline: PipelineArg | Mapping[str, PipelineArg],
     listen: str = "127.0.0.1:0",
     config: ServerConfig | None = None,
     tls: TlsConfig | None = None,
@@ -378,12 +392,14 @@ async def create_server(
     max_send_message_bytes: int = 64 << 20,
     max_concurrent_rpcs: int | None = None,
     create_store: bool = True,
+    costs: Mapping[str, int] | None = None,
 ) -> tuple[CloudServer, int]:
     """Check the store, bind `listen` (port 0: any free port), start serving health NOT_SERVING, free what a
     killed predecessor with the same instance id held, load the pipeline, then report SERVING and return
     ``(server, port)``. `store` is a store or a URL (then the server owns and closes it; `create_store=False`
     refuses a URL with no store yet); `pipeline` is a pipeline object, a loader, `"noop"`, or an SD3
-    folder / Hugging Face id. A store that is damaged or cannot be written is refused (ValueError naming
+    folder / Hugging Face id, or a mapping served name -> one of those (several models, one batcher each,
+    the first the default); `costs` maps served names to quota units per image (default 1). A store that is damaged or cannot be written is refused (ValueError naming
     --db) before anything is served."""
     requested_port = _listen_port(listen)
     if max_receive_message_bytes < 1:
@@ -393,7 +409,7 @@ async def create_server(
     try:
         return await _create_server(
             store_obj, owns_store, pipeline, listen, requested_port, config, tls, metrics_port,
-            max_receive_message_bytes, max_send_message_bytes, max_concurrent_rpcs,
+            max_receive_message_bytes, max_send_message_bytes, max_concurrent_rpcs, costs,
         )  # fmt: skip
     except BaseException:
         if owns_store:
@@ -413,7 +429,7 @@ def default_instance_id(listen: str) -> str:
 async def _create_server(
     store_obj: QuotaStore,
     owns_store: bool,
-    pipeline: Pipeline | str | Callable[[], Pipeline],
+    pipeline: PipelineArg | Mapping[str, PipelineArg],
     listen: str,
     requested_port: int | None,
     config: ServerConfig | None,
@@ -422,18 +438,21 @@ async def _create_server(
     max_receive_message_bytes: int,
     max_send_message_bytes: int,
     max_concurrent_rpcs: int | None,
+    costs: Mapping[str, int] | None = None,
 ) -> tuple[CloudServer, int]:
-    await asyncio.to_thread(store_obj.check_ready)
-    if isinstance(pipeline, str):
-        spec = pipeline
+    def loadable(p: PipelineArg) -> Pipeline | Callable[[], Pipeline]:
+        return (lambda: load_pipeline(p)) if isinstance(p, str) else p
 
-        def loader() -> Pipeline:
-            return load_pipeline(spec)
-
-        pipeline = loader
+    specs = (
+        {k: loadable(v) for k, v in pipeline.items()} if isinstance(pipeline, Mapping) else loadable(pipeline)
+    )
     metrics = Metrics()
     config = config or ServerConfig()
-    core = CloudCore(store_obj, pipeline, config, metrics, config.instance_id or default_instance_id(listen))
+    # before the store check: a cost for a model not served is refused before anything is touched
+    core = CloudCore(
+        store_obj, specs, config, metrics, config.instance_id or default_instance_id(listen), costs
+    )
+    await asyncio.to_thread(store_obj.check_ready)
     server = grpc.aio.server(
         options=[
             # above the application's limit: INVALID_ARGUMENT from the servicer; above this: gRPC's own
@@ -476,8 +495,9 @@ async def _create_server(
         raise
     await cs.mark_ready()
     logger.info(
-        "serving %s on port %d model=%s store=%s instance_id=%s", SERVICE_NAME, port,
-        core.pipeline.model_name, store_obj.url, clip(core.instance_id),  # type: ignore[union-attr]
+        "serving %s on port %d models=%s default=%s store=%s instance_id=%s", SERVICE_NAME, port,
+        ",".join(f"{n}:{c}" for n, c in core.model_table()), core.default_model, store_obj.url,
+        clip(core.instance_id),
     )  # fmt: skip
     return cs, port
 
@@ -489,7 +509,7 @@ class BackgroundServer:
         channel = grpc.insecure_channel(srv.address)
     """
 
-    def __init__(self, store: QuotaStore | str, pipeline: Pipeline | str | Callable[[], Pipeline],
+    def __init__(self, store: QuotaStore | str, pipeline: PipelineArg | Mapping[str, PipelineArg],
                  listen: str = "127.0.0.1:0", **kwargs: Any) -> None:  # fmt: skip
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()

@@ -6,14 +6,15 @@ device id always comes from the token's row, never from a request. Hashes are co
 `hmac.compare_digest`, and an unknown key id is compared against a dummy hash so that both failures cost
 the same.
 
-Quota accounting is a ledger of charges, one row per (device, request_id), plus a per-(device, period)
-counter of committed charges (so a check costs the same after a million requests as after one)::
+Quota accounting is a ledger of charges, one row per (device, request_id) holding its `units` (the served
+model's cost, 1 by default), plus a per-(device, period) counter of committed units (so a check costs the
+same after a million requests as after one)::
 
-    reserve  INSERT ... SELECT ... WHERE <committed counter> + <live reservations> < <limit>
-             ON CONFLICT DO NOTHING
+    reserve  INSERT ... SELECT ... WHERE <committed units> + <units of live reservations>
+             <= <limit> - <units> ON CONFLICT DO NOTHING
     commit   UPDATE ... SET state='committed' WHERE ... AND state='reserved' AND holder=<token>
-             AND expires_unix > now, and the counter +1 in the same statement (SQLite: a trigger;
-             PostgreSQL: a data-modifying CTE)
+             AND expires_unix > now, and the counter + the row's units in the same statement (SQLite: a
+             trigger; PostgreSQL: a data-modifying CTE)
     release  DELETE ... WHERE ... AND state='reserved' AND holder=<token>
 
 Each runs in one transaction, serialised per device: in SQLite by ``BEGIN IMMEDIATE`` (one writer at a
@@ -124,28 +125,35 @@ _SCHEMA = (
 #   holder         random token of the reservation or replay lease holding the row
 #   owner          the server instance that holds it (release_owner frees a dead incarnation's rows)
 #   held_until     end of the replay lease of a committed row (NULL: no replay running)
+#   units          quota units the row reserves or charged (older rows: 1, the only cost there was)
 _COLUMNS = (
     ("params_digest", "TEXT"),
     ("holder", "TEXT"),
     ("owner", "TEXT"),
     ("held_until", "DOUBLE PRECISION"),
+    ("units", "BIGINT NOT NULL DEFAULT 1"),
 )
 _INDEXES = ("rt2i_charges_live",)
-# SQLite: the commit's UPDATE bumps the usage counter through this trigger, inside the same statement.
-_SQLITE_TRIGGER = """CREATE TRIGGER IF NOT EXISTS rt2i_count_commit AFTER UPDATE OF state ON rt2i_charges
+# SQLite: the commit's UPDATE adds the row's units to the usage counter through this trigger, inside the
+# same statement. (It replaces `rt2i_count_commit`, which added 1 before rows had units.)
+_SQLITE_TRIGGER_NAME = "rt2i_count_commit_units"
+_SQLITE_OLD_TRIGGERS = ("rt2i_count_commit",)
+_SQLITE_TRIGGER = """CREATE TRIGGER IF NOT EXISTS rt2i_count_commit_units AFTER UPDATE OF state ON rt2i_charges
     WHEN NEW.state = 'committed' AND OLD.state = 'reserved'
     BEGIN
-        INSERT INTO rt2i_usage (device_id, period_start, used) VALUES (NEW.device_id, NEW.period_start, 1)
-        ON CONFLICT (device_id, period_start) DO UPDATE SET used = used + 1;
+        INSERT INTO rt2i_usage (device_id, period_start, used)
+        VALUES (NEW.device_id, NEW.period_start, NEW.units)
+        ON CONFLICT (device_id, period_start) DO UPDATE SET used = used + NEW.units;
     END"""
 
 _RESERVE = """INSERT INTO rt2i_charges
-    (device_id, request_id, period_start, state, seed, created_unix, expires_unix, params_digest, holder, owner)
-    SELECT ?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?
+    (device_id, request_id, period_start, state, seed, created_unix, expires_unix, params_digest, holder, owner,
+     units)
+    SELECT ?, ?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?
     WHERE COALESCE((SELECT used FROM rt2i_usage WHERE device_id = ? AND period_start = ?), 0)
-        + (SELECT count(*) FROM rt2i_charges
+        + (SELECT COALESCE(sum(units), 0) FROM rt2i_charges
            WHERE device_id = ? AND state = 'reserved' AND period_start = ? AND expires_unix > ?)
-        < (SELECT quota_limit FROM rt2i_devices WHERE device_id = ?)
+        <= (SELECT quota_limit FROM rt2i_devices WHERE device_id = ?) - ?
     ON CONFLICT (device_id, request_id) DO NOTHING"""
 _ROW = """SELECT state, seed, expires_unix, period_start, params_digest, holder, held_until
     FROM rt2i_charges WHERE device_id = ? AND request_id = ?"""
@@ -157,9 +165,9 @@ _COMMIT_SQLITE = """UPDATE rt2i_charges SET state = 'committed', expires_unix = 
 _COMMIT_PG = """WITH c AS (
         UPDATE rt2i_charges SET state = 'committed', expires_unix = ?, held_until = NULL
         WHERE device_id = ? AND request_id = ? AND state = 'reserved' AND holder = ? AND expires_unix > ?
-        RETURNING device_id, period_start)
-    INSERT INTO rt2i_usage (device_id, period_start, used) SELECT device_id, period_start, 1 FROM c
-    ON CONFLICT (device_id, period_start) DO UPDATE SET used = rt2i_usage.used + 1"""
+        RETURNING device_id, period_start, units)
+    INSERT INTO rt2i_usage (device_id, period_start, used) SELECT device_id, period_start, units FROM c
+    ON CONFLICT (device_id, period_start) DO UPDATE SET used = rt2i_usage.used + excluded.used"""
 _COMMITTED_BY = """SELECT 1 FROM rt2i_charges
     WHERE device_id = ? AND request_id = ? AND state = 'committed' AND holder = ?"""
 _RELEASE = (
@@ -176,7 +184,7 @@ _PURGE = """DELETE FROM rt2i_charges
     AND (held_until IS NULL OR held_until <= ?)"""
 _USAGE = """SELECT
     COALESCE((SELECT used FROM rt2i_usage WHERE device_id = ? AND period_start = ?), 0),
-    (SELECT count(*) FROM rt2i_charges
+    (SELECT COALESCE(sum(units), 0) FROM rt2i_charges
      WHERE device_id = ? AND state = 'reserved' AND period_start = ? AND expires_unix > ?)"""
 _WRITE_PROBE = """INSERT INTO rt2i_meta (key, value) VALUES ('write_probe', ?)
     ON CONFLICT (key) DO UPDATE SET value = excluded.value"""
@@ -196,7 +204,7 @@ class QuotaSnapshot:
     device_id: str  # whose quota
     limit: int  # units per period
     used: int  # committed units this period
-    reserved: int  # units held by requests being generated right now
+    reserved: int  # units held by requests being generated right now (each its model's cost)
     remaining: int  # limit - used - reserved, never below 0
     period: str  # "day" | "month" | "total"
     period_end_unix: int  # when the period resets (0 for "total": never)
@@ -211,6 +219,7 @@ class Reservation:
     token: str = ""  # the holder token of this reservation (charged) or replay lease (not charged)
     keep_s: float = IDEMPOTENCY_S  # how long after the commit the request_id may be replayed
     period_end: int = 0  # end of the period charged (0: "total"); the replay window never passes it
+    units: int = 1  # quota units of the request's model (charged: what the commit adds; a replay: none)
 
 
 def period_window(period: str, now: float | None = None) -> tuple[int, int]:
@@ -484,22 +493,26 @@ class QuotaStore(ABC):
         binding: bytes = b"",
         owner: str = "",
         keep_s: float = IDEMPOTENCY_S,
+        units: int = 1,
     ) -> Reservation:
-        """Hold one unit for `request_id` until `ttl_s` from now, bound to the request's parameters
-        (`binding`: every parameter but the seed, canonically encoded) and its seed (None: a fresh random
-        one, or the stored one on a replay). See the module docstring for the replay rules."""
+        """Hold `units` quota units (the model's cost) for `request_id` until `ttl_s` from now, all or
+        nothing, bound to the request's parameters (`binding`: every parameter but the seed, canonically
+        encoded, the model included) and its seed (None: a fresh random one, or the stored one on a replay).
+        See the module docstring for the replay rules."""
+        if isinstance(units, bool) or not isinstance(units, int) or not 1 <= units <= INT64_MAX:
+            raise ValueError(f"units={units!r} must be a whole number from 1 to 2**63-1")
         now = time.time() if now is None else now
         start, end = period_window(device.period, now)
         token = secrets.token_hex(12)
         new_seed = secrets.randbits(64) if seed is None else seed
         digest = binding_digest(binding, new_seed)
         dev_id = device.device_id
-        insert = (dev_id, request_id, start, str(new_seed), now, now + ttl_s, digest, token, owner) + (
-            dev_id, start, dev_id, start, now, dev_id,
+        insert = (dev_id, request_id, start, str(new_seed), now, now + ttl_s, digest, token, owner, units) + (
+            dev_id, start, dev_id, start, now, dev_id, units,
         )  # fmt: skip
 
         def made(seed_: int, charged: bool) -> Reservation:
-            return Reservation(dev_id, request_id, seed_, charged, token, keep_s, end)
+            return Reservation(dev_id, request_id, seed_, charged, token, keep_s, end, units)
 
         def tx(cur: Any) -> Reservation:
             for _ in range(2):  # the second round after dropping a dead row
@@ -514,7 +527,7 @@ class QuotaStore(ABC):
                     cur.execute("SELECT quota_limit FROM rt2i_devices WHERE device_id = ?", (dev_id,))
                     limit_row = cur.fetchone()
                     limit = int(limit_row[0]) if limit_row else device.limit
-                    raise QuotaExhausted(dev_id, limit, used, device.period, reserved)
+                    raise QuotaExhausted(dev_id, limit, used, device.period, reserved, units)
                 state, stored_seed, expires, period_start, stored_digest, holder, held_until = row
                 if holder is not None and hmac.compare_digest(str(holder), token):
                     return made(int(stored_seed), state == "reserved")  # this transaction's retry
@@ -664,17 +677,20 @@ class SqliteStore(QuotaStore):
             )
         columns = {r[1] for r in conn.execute("PRAGMA table_info(rt2i_charges)").fetchall()}
         missing_cols = [(c, t) for c, t in _COLUMNS if c not in columns]
-        wanted = set(_TABLES) | set(_INDEXES) | {"rt2i_count_commit"}
-        if not (wanted - names) and not missing_cols:
+        wanted = set(_TABLES) | set(_INDEXES) | {_SQLITE_TRIGGER_NAME}
+        if not (wanted - names) and not missing_cols and not names & set(_SQLITE_OLD_TRIGGERS):
             return  # nothing to create or migrate: no write (a read-only store still lists and shows)
 
         def tx(cur: Any) -> None:
-            for stmt in (*_SCHEMA, _SQLITE_TRIGGER):
+            for stmt in _SCHEMA:
                 cur.execute(stmt)
             have = {r[1] for r in conn.execute("PRAGMA table_info(rt2i_charges)").fetchall()}
             for col, typ in _COLUMNS:
                 if col not in have:
                     cur.execute(f"ALTER TABLE rt2i_charges ADD COLUMN {col} {typ}")
+            for old in _SQLITE_OLD_TRIGGERS:  # counted 1 per commit: replaced by the units trigger
+                cur.execute(f"DROP TRIGGER IF EXISTS {old}")
+            cur.execute(_SQLITE_TRIGGER)
 
         self._transact(tx, retry=False)
 

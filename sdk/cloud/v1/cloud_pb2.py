@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1droutet2i/cloud/v1/cloud.proto\x12\x11routet2i.cloud.v1\"\x87\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12/\n\x07routing\x18\t \x01(\x0b\x32\x1e.routet2i.cloud.v1.RoutingInfoB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"[\n\x0bRoutingInfo\x12\x15\n\rpredicted_prs\x18\x01 \x01(\x02\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x16\n\x0erouter_version\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xc1\x01\n\x10GenerateResponse\x12\x11\n\timage_png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12-\n\x05quota\x18\x06 \x01(\x0b\x32\x1e.routet2i.cloud.v1.QuotaStatus\x12\x15\n\rqueue_seconds\x18\x07 \x01(\x01\x12\x18\n\x10generate_seconds\x18\x08 \x01(\x01\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\"\x80\x01\n\rGenerateEvent\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1b.routet2i.cloud.v1.ProgressH\x00\x12\x35\n\x06result\x18\x02 \x01(\x0b\x32#.routet2i.cloud.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x11\n\x0fGetQuotaRequest\"y\n\x0bQuotaStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x11\n\tremaining\x18\x04 \x01(\x04\x12\x0e\n\x06period\x18\x05 \x01(\t\x12\x17\n\x0fperiod_end_unix\x18\x06 \x01(\x03\x32\x90\x02\n\x0f\x43loudGeneration\x12S\n\x08Generate\x12\".routet2i.cloud.v1.GenerateRequest\x1a#.routet2i.cloud.v1.GenerateResponse\x12X\n\x0eGenerateStream\x12\".routet2i.cloud.v1.GenerateRequest\x1a .routet2i.cloud.v1.GenerateEvent0\x01\x12N\n\x08GetQuota\x12\".routet2i.cloud.v1.GetQuotaRequest\x1a\x1e.routet2i.cloud.v1.QuotaStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1droutet2i/cloud/v1/cloud.proto\x12\x11routet2i.cloud.v1\"\x96\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12/\n\x07routing\x18\t \x01(\x0b\x32\x1e.routet2i.cloud.v1.RoutingInfo\x12\r\n\x05model\x18\n \x01(\tB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"[\n\x0bRoutingInfo\x12\x15\n\rpredicted_prs\x18\x01 \x01(\x02\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x16\n\x0erouter_version\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xd8\x01\n\x10GenerateResponse\x12\x11\n\timage_png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12-\n\x05quota\x18\x06 \x01(\x0b\x32\x1e.routet2i.cloud.v1.QuotaStatus\x12\x15\n\rqueue_seconds\x18\x07 \x01(\x01\x12\x18\n\x10generate_seconds\x18\x08 \x01(\x01\x12\x15\n\runits_charged\x18\t \x01(\x04\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\"\x80\x01\n\rGenerateEvent\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1b.routet2i.cloud.v1.ProgressH\x00\x12\x35\n\x06result\x18\x02 \x01(\x0b\x32#.routet2i.cloud.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x11\n\x0fGetQuotaRequest\"\xd0\x01\n\x0bQuotaStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x11\n\tremaining\x18\x04 \x01(\x04\x12\x0e\n\x06period\x18\x05 \x01(\t\x12\x17\n\x0fperiod_end_unix\x18\x06 \x01(\x03\x12,\n\x06models\x18\x07 \x03(\x0b\x32\x1c.routet2i.cloud.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x08 \x01(\t\x12\x10\n\x08reserved\x18\t \x01(\x04\"\'\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x04\x32\x90\x02\n\x0f\x43loudGeneration\x12S\n\x08Generate\x12\".routet2i.cloud.v1.GenerateRequest\x1a#.routet2i.cloud.v1.GenerateResponse\x12X\n\x0eGenerateStream\x12\".routet2i.cloud.v1.GenerateRequest\x1a .routet2i.cloud.v1.GenerateEvent0\x01\x12N\n\x08GetQuota\x12\".routet2i.cloud.v1.GetQuotaRequest\x1a\x1e.routet2i.cloud.v1.QuotaStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'routet2i.cloud.v1.cloud_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=53
-  _globals['_GENERATEREQUEST']._serialized_end=316
-  _globals['_ROUTINGINFO']._serialized_start=318
-  _globals['_ROUTINGINFO']._serialized_end=409
-  _globals['_GENERATERESPONSE']._serialized_start=412
-  _globals['_GENERATERESPONSE']._serialized_end=605
-  _globals['_PROGRESS']._serialized_start=607
-  _globals['_PROGRESS']._serialized_end=652
-  _globals['_GENERATEEVENT']._serialized_start=655
-  _globals['_GENERATEEVENT']._serialized_end=783
-  _globals['_GETQUOTAREQUEST']._serialized_start=785
-  _globals['_GETQUOTAREQUEST']._serialized_end=802
-  _globals['_QUOTASTATUS']._serialized_start=804
-  _globals['_QUOTASTATUS']._serialized_end=925
-  _globals['_CLOUDGENERATION']._serialized_start=928
-  _globals['_CLOUDGENERATION']._serialized_end=1200
+  _globals['_GENERATEREQUEST']._serialized_end=331
+  _globals['_ROUTINGINFO']._serialized_start=333
+  _globals['_ROUTINGINFO']._serialized_end=424
+  _globals['_GENERATERESPONSE']._serialized_start=427
+  _globals['_GENERATERESPONSE']._serialized_end=643
+  _globals['_PROGRESS']._serialized_start=645
+  _globals['_PROGRESS']._serialized_end=690
+  _globals['_GENERATEEVENT']._serialized_start=693
+  _globals['_GENERATEEVENT']._serialized_end=821
+  _globals['_GETQUOTAREQUEST']._serialized_start=823
+  _globals['_GETQUOTAREQUEST']._serialized_end=840
+  _globals['_QUOTASTATUS']._serialized_start=843
+  _globals['_QUOTASTATUS']._serialized_end=1051
+  _globals['_MODELINFO']._serialized_start=1053
+  _globals['_MODELINFO']._serialized_end=1092
+  _globals['_CLOUDGENERATION']._serialized_start=1095
+  _globals['_CLOUDGENERATION']._serialized_end=1367
 # @@protoc_insertion_point(module_scope)
