@@ -1,13 +1,17 @@
-"""`routet2i-cloud`: serve an SD3 pipeline over gRPC and administer devices and quotas.
+"""`routet2i-cloud`: serve SD3 pipelines over gRPC and administer devices and quotas.
 
-    routet2i-cloud serve --pipeline P --listen HOST:PORT --db URL [--create-db] [--max-batch N]
+    routet2i-cloud serve --pipeline [NAME=]P [--pipeline NAME=P ...] [--cost NAME=UNITS ...]
+                         --listen HOST:PORT --db URL [--create-db] [--max-batch N]
                          [--tls-cert F --tls-key F] [--instance-id ID]
     routet2i-cloud device add --db URL --device-id ID --quota N --period day|month|total [--json]
     routet2i-cloud device show --db URL --device-id ID [--json]
     routet2i-cloud device list --db URL [--json]
     routet2i-cloud device set-quota --db URL --device-id ID [--quota N] [--period P] [--json]
 
-P is a diffusers SD3 folder, a Hugging Face id, or `noop` (no model; for tests and benchmarks).
+P is a diffusers SD3 folder, a Hugging Face id, or `noop` (no model; for tests and benchmarks). Each
+--pipeline is one served model with its own batcher, named NAME (a bare P: its last path part, as with one
+model); the first is the default (a request with an empty `model`). --cost NAME=UNITS: quota units per
+image of that model (a whole number >= 1; default 1).
 URL is sqlite:///PATH.db (default: $ROUTET2I_CLOUD_DB or sqlite:///routet2i-cloud.db) or postgresql://...
 Only `device add` (and `serve --create-db`) creates a store; every other command refuses a missing one.
 Bad arguments print one line and exit 2; database passwords are never printed or logged.
@@ -65,6 +69,40 @@ def _quota(text: str) -> int:
     return v
 
 
+def _pipeline_arg(text: str) -> tuple[str | None, str]:
+    """``NAME=P`` -> (NAME, P); a bare P (no '=' before its first '/') -> (None, P)."""
+    name, sep, spec = text.partition("=")
+    if not sep or "/" in name:
+        if not text.strip():
+            raise argparse.ArgumentTypeError("is empty: give an SD3 folder, a Hugging Face id or noop")
+        return None, text
+    from routet2i.cloud_server.core import check_model_name
+
+    try:
+        check_model_name(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if not spec.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give NAME=P with P an SD3 folder, a Hugging Face id or noop"
+        )
+    return name, spec
+
+
+def _cost_arg(text: str) -> tuple[str, int]:
+    """``NAME=UNITS`` with UNITS a whole number >= 1."""
+    name, sep, units = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=UNITS (a served model's name, units >= 1)")
+    try:
+        v = int(units)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: UNITS {units!r} is not a whole number") from None
+    if not 1 <= v <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: UNITS must be a whole number from 1 to 2**31-1")
+    return name, v
+
+
 def _nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -88,8 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    s = sub.add_parser("serve", help="serve an SD3 pipeline over gRPC")
-    s.add_argument("--pipeline", required=True, help="SD3 diffusers folder, Hugging Face id, or `noop`")
+    s = sub.add_parser("serve", help="serve SD3 pipelines over gRPC")
+    s.add_argument("--pipeline", required=True, action="append", type=_pipeline_arg, metavar="[NAME=]P",
+                   help="a served model: SD3 diffusers folder, Hugging Face id, or `noop`, optionally named "
+                        "NAME= (repeatable, one batcher each; the first is the default model; a bare P is "
+                        "named after its last path part)")  # fmt: skip
+    s.add_argument(
+        "--cost",
+        action="append",
+        type=_cost_arg,
+        default=[],
+        metavar="NAME=UNITS",
+        help="quota units per image of served model NAME (repeatable; default 1 each)",
+    )
     s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (default: %(default)s)")
     _add_db(s)
     s.add_argument("--max-batch", type=_positive_int, default=4, help="most requests per pipeline call")
@@ -211,11 +260,33 @@ def _device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """([(served name, spec)], {name: units}) from --pipeline and --cost; ValueError (exit 2) for a name
+    served twice, a cost given twice, or a cost of a model not served."""
+    from routet2i.cloud_server.core import check_costs
+    from routet2i.cloud_server.pipelines import pipeline_name
+
+    served: list[tuple[str, str]] = []
+    for name, spec in args.pipeline:
+        name = name or pipeline_name(spec)
+        if any(name == n for n, _ in served):
+            raise ValueError(f"--pipeline {name}: two pipelines are served as {name!r}; name them NAME=P")
+        served.append((name, spec))
+    costs: dict[str, int] = {}
+    for name, units in args.cost:
+        if name in costs:
+            raise ValueError(f"--cost {name}: given twice")
+        costs[name] = units
+    check_costs(costs, [n for n, _ in served])
+    return served, costs
+
+
 def _serve(args: argparse.Namespace) -> int:
     from routet2i.cloud_server.core import ServerConfig
     from routet2i.cloud_server.pipelines import load_pipeline
     from routet2i.cloud_server.servicer import TlsConfig, create_server
 
+    served, costs = _models(args)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -230,9 +301,12 @@ def _serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
 
-    def loader() -> Any:
-        return load_pipeline(args.pipeline, device=args.device, dtype=args.dtype,
-                             noop_step_delay_s=args.noop_step_delay, torch_threads=args.torch_threads)  # fmt: skip
+    def loader(spec: str) -> Any:
+        return lambda: load_pipeline(spec, device=args.device, dtype=args.dtype,
+                                     noop_step_delay_s=args.noop_step_delay, torch_threads=args.torch_threads)  # fmt: skip
+
+    named = args.pipeline[0][0] is not None or len(served) > 1  # a single bare P: today's form
+    pipelines: Any = {name: loader(spec) for name, spec in served} if named else loader(served[0][1])
 
     async def main() -> None:
         # handlers first: a SIGTERM right after "serving on port" (or while the model loads) is a clean stop
@@ -241,11 +315,13 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         server, port = await create_server(
-            args.db, loader, args.listen, config=config, tls=tls, metrics_port=args.metrics_port,
+            args.db, pipelines, args.listen, config=config, tls=tls, metrics_port=args.metrics_port,
             max_receive_message_bytes=args.max_receive_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
-            create_store=args.create_db,
+            create_store=args.create_db, costs=costs,
         )  # fmt: skip
         print(f"routet2i-cloud: serving on port {port}", flush=True)
+        table = ", ".join(f"{n} ({c} unit{'s' if c != 1 else ''})" for n, c in server.core.model_table())
+        print(f"routet2i-cloud: models {table}; default {server.core.default_model}", flush=True)
         await stop.wait()
         await server.stop(args.grace)
 

@@ -105,7 +105,7 @@ class SD3Pipeline:
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._torch = torch
-        self.model_name = spec.rstrip("/").split("/")[-1] if "/" in spec else spec
+        self.model_name = pipeline_name(spec)
         cfg = self.pipe.transformer.config
         self.size_multiple = int(self.pipe.vae_scale_factor * cfg.patch_size)
         pos_max = getattr(cfg, "pos_embed_max_size", None)
@@ -156,6 +156,12 @@ def _resolve_dtype(torch: Any, dtype: str | None, device: str) -> Any:
     if dtype not in table:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(table)}")
     return table[dtype]
+
+
+def pipeline_name(spec: str) -> str:
+    """The name a pipeline given as a bare `spec` is served under: the folder's (or Hugging Face id's) last
+    part; `noop` for the no-op pipeline."""
+    return spec.rstrip("/").split("/")[-1] if "/" in spec else spec
 
 
 def load_pipeline(

@@ -241,3 +241,61 @@ def test_unit_ledger_matches_a_model(tmp_path_factory, quota, ops):
         snap = store.quota("f")
         assert (snap.used, snap.reserved, snap.remaining) == (used, reserved, quota - used - reserved)
     store.close()
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from routet2i.cloud_server.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--pipeline", "a=noop", "--cost", "b=2"], "--cost b: no such model is served; served: a"),
+        (["--pipeline", "a=noop", "--pipeline", "b=noop", "--cost", "c=2"], "served: a, b"),
+        (["--pipeline", "noop", "--cost", "sd3=2"], "--cost sd3: no such model is served; served: noop"),
+        (["--pipeline", "a=noop", "--cost", "a=0"], "UNITS must be a whole number from 1"),
+        (["--pipeline", "a=noop", "--cost", "a=1.5"], "is not a whole number"),
+        (["--pipeline", "a=noop", "--cost", "a"], "expected NAME=UNITS"),
+        (["--pipeline", "a=noop", "--cost", "a=2", "--cost", "a=3"], "--cost a: given twice"),
+        (["--pipeline", "a=noop", "--pipeline", "a=noop"], "two pipelines are served as 'a'"),
+        (["--pipeline", "noop", "--pipeline", "noop"], "two pipelines are served as 'noop'"),
+        (["--pipeline", "a b=noop"], "model name 'a b' is not allowed"),
+        (["--pipeline", "a="], "give NAME=P"),
+        (["--pipeline", "a=noop", "--pipeline", "b=/no/such/sd3"], "no such folder"),
+    ],
+)
+def test_serve_model_arguments_are_one_line_exit_2(capsys, sqlite_url, extra, needle):
+    open_store(sqlite_url).close()
+    code, _, err = _cli(capsys, "serve", "--listen", "127.0.0.1:0", "--db", sqlite_url, *extra)
+    assert code == 2 and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_serve_two_models_from_the_command_line(sqlite_url):
+    """`routet2i-cloud serve --pipeline small=noop --pipeline big=noop --cost big=3` end to end."""
+    from _cloud_helpers import ServeProcess
+
+    with open_store(sqlite_url) as store:
+        token = store.add_device("cli", quota=4, period="total")
+    server = ServeProcess(sqlite_url, "--pipeline", "small=noop", "--pipeline", "big=noop", "--cost", "big=3")
+    channel, stub = stub_for(server.address)
+    try:
+        q = stub.GetQuota(cloud_pb2.GetQuotaRequest(), metadata=auth(token), timeout=10)
+        assert [(m.name, m.cost) for m in q.models] == [("small", 1), ("big", 3)]
+        assert q.default_model == "small"
+        r = _gen(stub, token, request_id="a", model="big", num_inference_steps=1)
+        assert (r.model, r.units_charged, r.quota.used) == ("big", 3, 3)
+        err = _refused(stub, token, request_id="b", model="big", num_inference_steps=1)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        r = _gen(stub, token, request_id="c", num_inference_steps=1)
+        assert (r.model, r.units_charged, r.quota.used) == ("small", 1, 4)
+    finally:
+        channel.close()
+        assert server.terminate() == 0
