@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "CloudCall",
     "CloudClient",
     "CloudError",
+    "CloudQuota",
     "CloudRejected",
     "CloudUnavailable",
     "QuotaExhausted",
@@ -148,14 +149,34 @@ class CloudCall:
         return max(0.0, self.wall_seconds - r.queue_seconds - r.generate_seconds)
 
 
-def quota_from_proto(q: cloud_pb2.QuotaStatus) -> QuotaInfo:
-    return QuotaInfo(
+@dataclass
+class CloudQuota(QuotaInfo):
+    """A `QuotaInfo` (in quota units) as the cloud reported it, with the models it serves."""
+
+    # served model name -> quota units per image, the default first
+    models: dict[str, int] = field(default_factory=dict)
+    default_model: str = ""  # what a request without a model gets
+
+    def cost(self, model: str | None = None) -> int:
+        """Units one image of `model` (None or "": the default) costs; KeyError if the cloud doesn't serve it."""
+        name = model or self.default_model
+        if name not in self.models:
+            raise KeyError(
+                f"model {name!r} is not served by the cloud; served: {', '.join(self.models) or 'none'}"
+            )
+        return self.models[name]
+
+
+def quota_from_proto(q: cloud_pb2.QuotaStatus) -> CloudQuota:
+    return CloudQuota(
         limit=int(q.limit),
         used=int(q.used),
         remaining=int(q.remaining),
         period=q.period,
         period_end_unix=int(q.period_end_unix),
         device_id=q.device_id,
+        models={m.name: int(m.cost) for m in q.models},
+        default_model=q.default_model,
     )
 
 
@@ -292,12 +313,17 @@ class CloudClient:
         *,
         on_progress: Callable[[int, int], None] | None = None,
         deadline_s: float | None = None,
+        model: str | None = None,
     ) -> CloudCall:
         """Generate in the cloud; raises a `CloudError` subclass when no image comes back.
 
         ``on_progress(step, total_steps)`` switches to GenerateStream. ``deadline_s`` overrides the client's
-        total budget for this call.
+        total budget for this call. ``model`` names a served model (`get_quota().models`; it costs that many
+        quota units); None keeps ``request.model`` (empty: the server's default model).
         """
+        if model is not None:
+            request = cloud_pb2.GenerateRequest.FromString(request.SerializeToString())
+            request.model = model
         if not request.request_id:
             raise ValueError("request.request_id is empty: every cloud request needs an idempotency key")
         rid = request.request_id
@@ -369,8 +395,9 @@ class CloudClient:
             raise CloudUnavailable(f"cloud overloaded: {describe_rpc_error(code, details)}", **kw)
         raise CloudRejected(f"cloud refused the request: {describe_rpc_error(code, details)}", **kw)
 
-    def get_quota(self, timeout: float = 5.0) -> QuotaInfo:
-        """The device's quota now (not charged). Raises a `CloudError` subclass on failure.
+    def get_quota(self, timeout: float = 5.0) -> CloudQuota:
+        """The device's quota now (not charged), in units, with the served models and their costs
+        (`CloudQuota.models`). Raises a `CloudError` subclass on failure.
 
         Only generations count for the circuit breaker: a failed GetQuota (say at start-up, before the
         network is up) neither opens it nor takes its half-open trial, so the next generation still tries."""

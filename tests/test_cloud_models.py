@@ -299,3 +299,39 @@ def test_serve_two_models_from_the_command_line(sqlite_url):
     finally:
         channel.close()
         assert server.terminate() == 0
+
+
+def test_sdk_cloud_client_picks_a_model_and_sees_costs(sqlite_url):
+    """`routet2i.cloud_client.CloudClient`: get_quota() lists the served models and costs; generate(model=)
+    charges that model's units; a QuotaExhausted says units; an unknown model is refused."""
+    from routet2i.cloud_client import CloudClient, CloudQuota, CloudRejected
+    from routet2i.cloud_client import QuotaExhausted as SdkQuotaExhausted
+    from routet2i.policy import QuotaInfo
+
+    store = open_store(sqlite_url)
+    token = store.add_device("sdk", quota=4, period="total")
+    pipes = {"small": NoOpPipeline(), "big": NoOpPipeline()}
+    with BackgroundServer(store, pipes, config=CFG, costs={"big": 3}) as srv:
+        with CloudClient(srv.address, token, retries=0, deadline_s=10) as client:
+            q = client.get_quota()
+            assert isinstance(q, CloudQuota) and isinstance(q, QuotaInfo)
+            assert (q.models, q.default_model, q.remaining) == ({"small": 1, "big": 3}, "small", 4)
+            assert (q.cost(), q.cost("big")) == (1, 3)
+            with pytest.raises(KeyError, match="served: small, big"):
+                q.cost("huge")
+            req = request(request_id="s1")
+            call = client.generate(req, model="big")
+            assert (call.response.model, call.response.units_charged, call.response.quota.used) == (
+                "big",
+                3,
+                3,
+            )
+            assert req.model == ""  # the caller's message is not changed
+            call = client.generate(request(request_id="s2", model="small"))  # the field itself works too
+            assert (call.response.model, call.response.quota.used) == ("small", 4)
+            with pytest.raises(SdkQuotaExhausted, match="costs 3 units") as e:
+                client.generate(request(request_id="s3"), model="big")
+            assert e.value.quota is not None and e.value.quota.remaining == 0
+            with pytest.raises(CloudRejected, match="served models: small, big"):
+                client.generate(request(request_id="s4"), model="huge")
+    store.close()
