@@ -1,15 +1,17 @@
-"""The demo: the whole product on tiny random-weight models, on one machine, in a few minutes.
+"""The demo: the whole product on one machine in a few minutes, with a router whose decisions are real.
 
-Built ONCE and cached (``$ROUTET2I_DEMO_CACHE`` or ``~/.cache/routet2i/demo-v1``):
+Built ONCE and cached (``$ROUTET2I_DEMO_CACHE`` or ``~/.cache/routet2i/demo-v2``):
 
-1. tiny SD2.1 / SD3 / CLIP folders with the real architectures (`routet2i dev tiny-models`);
-2. a small quality table from those pipelines (`routet2i data build` on the demo's training prompts);
-3. a RouteT2I router trained on it (`routet2i train`) and exported (`routet2i export router`);
-4. the edge bundle (`routet2i export edge`).
+1. tiny SD2.1 / SD3 folders with the real architectures (`routet2i dev tiny-models`);
+2. a router (`routet2i train`, real all-MiniLM-L6-v2 backbone) trained on the table shipped beside this
+   file, ``genai_bench_demo.csv``: GenAI-Bench's 527 prompts with their human alignment ratings (3 raters,
+   1-5) for SD 2.1 (edge) and SDXL base (cloud), Apache-2.0 (attribution in
+   ``genai_bench_demo_NOTICE.txt``), and exported (`routet2i export router`);
+3. the edge bundle of the tiny SD2.1 (`routet2i export edge`).
 
 Each run then starts a loopback cloud server (tiny SD3, SQLite store in a temp folder) with a demo device and
-routes prompts through a real `EdgeClient`. Random weights make the images noise and the router's decisions
-arbitrary: the demo shows the machinery (routing, gRPC, quotas, fallbacks), not image quality.
+routes prompts through a real `EdgeClient`. The routing is real: PRS^ is what a router trained on human
+ratings predicts for SD 2.1 vs SDXL on each prompt. The images are not: tiny random-weight models make noise.
 
 Needs the full install (`pip install 'routet2i[all]'`): it trains and exports with torch. The workstation
 side of the project (the device package `routet2i` never imports it): ``routet2i dev demo --prompts FILE``
@@ -36,43 +38,17 @@ from routet2i._errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-RECIPE = "demo-v1"  # bump when the recipe changes: a new cache folder is built
-DATASET = "demo"
-EDGE_MODEL, CLOUD_MODEL = "tiny-sd21", "tiny-sd3"  # model names in the demo's quality table
-DEMO_SIZE, DEMO_STEPS = 64, 4  # image size and steps of the demo's data build
+RECIPE = "demo-v2"  # bump when the recipe changes: a new cache folder is built
+TABLE = Path(__file__).with_name("genai_bench_demo.csv")  # derived from GenAI-Bench (Apache-2.0): see NOTICE
+DATASET = "genai_bench_527"
+EDGE_MODEL, CLOUD_MODEL = "SDXL_2_1", "SDXL_Base"  # GenAI-Bench's names: SDXL_2_1 is Stable Diffusion 2.1
 DEMO_DEVICE = "demo-device"
 DEMO_QUOTA = 1000
 NOISE_NOTE = (
-    "note: tiny random-weight models: the images are noise and the routing decisions arbitrary; "
-    "the demo shows the machinery (router, policy, gRPC cloud, quotas, fallbacks), not quality."
+    "note: the routing is real (a MiniLM router trained on GenAI-Bench human ratings of SD 2.1 vs SDXL, "
+    "527 prompts); the images are noise (tiny random-weight SD2.1 / SD3 stand-ins): the demo shows the "
+    "decisions and the machinery (router, policy, gRPC cloud, quotas, fallbacks), not image quality."
 )
-# Training prompts for the demo router (short and long, few and many objects). Written for this project.
-TRAIN_PROMPTS = [
-    "a cat",
-    "a red apple on a table",
-    "a mountain lake at sunrise",
-    "a dog running on the beach",
-    "a portrait of an old sailor with a pipe",
-    "a bicycle leaning against a yellow wall",
-    "two children flying a kite in a park with a dog and a picnic basket",
-    "a busy train station with travellers, pigeons, a clock tower and a newspaper stand",
-    "a futuristic kitchen with a robot chef, a cat on the counter and a window to a neon city",
-    "a still life of three pears, a glass jug and a folded napkin",
-    "a fox",
-    "a snowy forest path",
-    "a knight, a dragon and a castle on a cliff above a stormy sea",
-    "a birthday cake with candles",
-    "an orchestra of frogs playing violins on lily pads under the moon",
-    "a sailboat",
-    "a street in Lisbon with a tram, laundry on balconies and a man selling chestnuts",
-    "a macro photo of a bee on a sunflower",
-    "a desk with a laptop, a coffee mug, a potted plant, headphones and a notebook",
-    "a lone tree in a field",
-    "a market stall full of spices in bowls with a scale and a merchant",
-    "a hot air balloon over a desert",
-    "a library with tall shelves, a ladder, a sleeping cat and a reading lamp",
-    "an owl",
-]
 
 
 def default_cache_dir() -> Path:
@@ -110,7 +86,7 @@ def _staged(final: Path) -> Iterator[Path]:
 
 
 def build_demo(cache_dir: Path | None = None, *, quiet: bool = False) -> dict[str, Path]:
-    """Build (once) and return {"models", "edge_pipeline", "cloud_pipeline", "clip", "table", "router_ckpt",
+    """Build (once) and return {"models", "edge_pipeline", "cloud_pipeline", "table", "router_ckpt",
     "router", "edge"}: everything the demo needs, cached under ``cache_dir``."""
     try:
         import torch  # noqa: F401
@@ -124,7 +100,7 @@ def build_demo(cache_dir: Path | None = None, *, quiet: bool = False) -> dict[st
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     paths = {
         "models": root / "models",
-        "table": root / "quality.csv",
+        "table": TABLE,
         "router_ckpt": root / "router-ckpt",
         "router": root / "bundles" / "router",
         "edge": root / "bundles" / "edge",
@@ -152,34 +128,19 @@ def _build_lock(root: Path) -> Iterator[None]:
 def _build_locked(root: Path, paths: dict[str, Path], stamp: Path, say: Any) -> dict[str, Path]:
     t0 = time.perf_counter()
     if not stamp.exists():
-        say(f"demo: building tiny models, quality table, router and bundles once under {root} ...")
+        say(f"demo: building tiny models, the router and bundles once under {root} ...")
     if not paths["models"].exists():
         from routet2i.training.tiny_models import build_tiny_models
 
         with _staged(paths["models"]) as tmp:
             build_tiny_models(tmp)
     models = {"edge_pipeline": paths["models"] / "edge-sd21", "cloud_pipeline": paths["models"] / "cloud-sd3"}
-    models["clip"] = paths["models"] / "clip"
-    if not paths["table"].exists():
-        say("demo: data build (tiny SD2.1 and SD3 images, CLIP metrics) ...")
-        with _staged(root / "table-work") as tmp:
-            prompts = tmp / "prompts.txt"
-            prompts.write_text("\n".join(TRAIN_PROMPTS) + "\n")
-            out = tmp / "quality.csv"
-            _routet2i(
-                ["data", "build", "--prompts", str(prompts), "--edge-pipeline", str(models["edge_pipeline"]),
-                 "--cloud-pipeline", str(models["cloud_pipeline"]), "--clip", str(models["clip"]),
-                 "--out", str(out), "--dataset", DATASET, "--edge-model", EDGE_MODEL, "--cloud-model", CLOUD_MODEL,
-                 "--steps", str(DEMO_STEPS), "--width", str(DEMO_SIZE), "--height", str(DEMO_SIZE)]
-            )  # fmt: skip
-            os.replace(out, paths["table"])
-    edge_model, cloud_model = EDGE_MODEL, CLOUD_MODEL
     if not paths["router_ckpt"].exists():
-        say(f"demo: training the router ({edge_model} vs {cloud_model}) ...")
+        say(f"demo: training the router on GenAI-Bench ratings ({EDGE_MODEL} = SD 2.1 vs {CLOUD_MODEL}) ...")
         with _staged(paths["router_ckpt"]) as tmp:
             _routet2i(
-                ["train", "--table", str(paths["table"]), "--dataset", DATASET, "--edge-model", edge_model,
-                 "--cloud-model", cloud_model, "--out", str(tmp), "--epochs", "5"]
+                ["train", "--table", str(paths["table"]), "--dataset", DATASET, "--edge-model", EDGE_MODEL,
+                 "--cloud-model", CLOUD_MODEL, "--out", str(tmp), "--force"]
             )  # fmt: skip
     if not paths["router"].exists():
         say("demo: exporting the router bundle ...")
