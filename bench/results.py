@@ -150,6 +150,8 @@ def _evalmi_experiments() -> list[str]:
         parts = key.split(":")
         cloud, variant = parts[0], parts[1]
         seeds = parts[2] if len(parts) > 2 else "0-2"
+        if seeds.startswith("train_fraction="):  # the learning curve: that share of each training fold
+            variant, seeds = f"{variant}, {seeds.replace('_', ' ')}", "0-2"
         if cloud != "sd3_5_large":
             variant = f"{variant} (-> {cloud})"
         lo, hi = r["ci95_0.5"]

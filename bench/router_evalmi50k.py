@@ -35,10 +35,15 @@ def load(cloud: str = CLOUD):
     return pair
 
 
+FRACTION = 1.0  # share of each training fold used (--learning-curve)
+
+
 def scores_from(pair, variant: str, feats, train: np.ndarray, test: np.ndarray, seed: int) -> np.ndarray:
     """Routing score of the test prompts (lower = cloud) from a model fitted on ``train`` only."""
     from routet2i.training.multitask import fit_predict_variant
 
+    if FRACTION < 1.0:
+        train = np.sort(np.random.default_rng(seed).permutation(train)[: int(round(FRACTION * len(train)))])
     return fit_predict_variant(variant, pair, feats, train, test, seed)
 
 
@@ -124,6 +129,7 @@ def main() -> int:
     ap.add_argument("--cloud", default=CLOUD)
     ap.add_argument("--first-seed", type=int, default=0, help="screens use other splits than 0..2")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--learning-curve", default=None, metavar="VARIANT", help="Delta P against training size")
     ap.add_argument("--calibration", default=None, metavar="VARIANT", help="measure the calibration instead")
     args = ap.parse_args()
     if not TABLE.is_file():
@@ -131,6 +137,21 @@ def main() -> int:
         return 0
     pair = load(args.cloud)
     feats = pooled_layer_states(pair.prompts)
+    if args.learning_curve:
+        global FRACTION
+        results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        for frac in (0.25, 0.5, 0.75, 1.0):
+            FRACTION = frac
+            r = evaluate(pair, args.learning_curve, feats, args.folds, args.seeds)
+            results[f"{args.cloud}:{args.learning_curve}:train_fraction={frac:g}"] = r
+            n = int(round(frac * len(pair) * (args.folds - 1) / args.folds))
+            print(
+                f"{frac:4.2f} of the training folds ({n} prompts): dP@50 {r['delta_p']['0.5']:.1f}",
+                flush=True,
+            )
+        FRACTION = 1.0
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     if args.calibration:
         results = json.loads(args.out.read_text()) if args.out.is_file() else {}
         r = calibration_check(pair, args.calibration, feats, args.folds, args.seeds)

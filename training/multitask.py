@@ -372,6 +372,7 @@ _NEW_MLP = {"components": ["mlp"], "epochs": 20, "hidden": 512, "dropout": 0.5}
 VARIANTS: dict[str, dict[str, Any]] = {
     "ridge_last": {"components": ["ridge"], "n_mlp": 1, "epochs": 1},
     "ridge_layers": {"components": ["ridge"], "n_mlp": 1, "epochs": 1},
+    "ridge_concat": {"components": ["ridge"], "n_mlp": 1, "epochs": 1},
     "krr": {"components": ["krr"], "n_mlp": 1, "epochs": 1},
     "ridge+krr": {"components": ["ridge", "krr"], "n_mlp": 1, "epochs": 1},
     "mt_mlp_e120_h256_do2": {**_OLD_MLP, "epochs": 120},
@@ -391,7 +392,12 @@ def fit_predict_variant(variant: str, pair, feats: np.ndarray, train, test, seed
     """Routing score (prs) of ``test`` from ``variant`` fitted on ``train`` only."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    x = feats[:, -1] if variant == "ridge_last" else layer_mean(feats)
+    if variant == "ridge_last":
+        x = feats[:, -1]
+    elif variant == "ridge_concat":
+        x = feats.reshape(len(feats), -1)  # every layer's mean side by side
+    else:
+        x = layer_mean(feats)
     cfg = replace(MultiTaskConfig(metrics=list(pair.metrics), hidden_size=x.shape[1]), **VARIANTS[variant])
     module = fit_multitask(x, pair, train, cfg, seed)
     return predict_multitask(module, x[test])
