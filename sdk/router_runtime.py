@@ -19,15 +19,26 @@ from typing import Any
 import numpy as np
 from routet2i._errors import BundleError, BundleFileMissing, UsageError
 from routet2i.bundle import read_json_object, verify_bundle
-from routet2i.ort import OrtModel, ProviderSpec, SessionConfig
+from routet2i.ort import OrtModel, ProviderSpec, SessionConfig, provider_name, resolve_providers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RouterSession", "REQUIRED_ROUTING_KEYS"]
+__all__ = ["RouterSession", "REQUIRED_ROUTING_KEYS", "router_providers"]
 
 REQUIRED_FILES = ("router.onnx", "routing.json", "tokenizer/tokenizer.json")
 # routing.json keys the device relies on (CONTRACTS.md section 3; the export writes more).
 REQUIRED_ROUTING_KEYS = ("metrics", "max_length", "calibration")
+
+
+def router_providers(providers: str | Sequence[ProviderSpec] | None) -> list[ProviderSpec]:
+    """``providers`` resolved as for every session, without TensorRT: the router's input is as long as the
+    prompt (no padding), and TensorRT builds an engine per input shape, i.e. one per prompt length. The
+    router runs on the next provider of the list (CUDA, else CPU); the edge pipeline keeps TensorRT."""
+    chosen = resolve_providers(providers)
+    kept = [p for p in chosen if provider_name(p) != "TensorrtExecutionProvider"]
+    if len(kept) != len(chosen):
+        logger.info("router: TensorRT skipped (an engine per prompt length); using %s", kept)
+    return kept or ["CPUExecutionProvider"]
 
 
 class RouterSession:
@@ -91,7 +102,7 @@ class RouterSession:
 
         self.model = OrtModel(
             root / "router.onnx",
-            providers,
+            router_providers(providers),
             session_config or SessionConfig(intra_op_threads=1),
             cache_dir=cache_dir,
             cache_key=f"{self.check.manifest_sha256}:router.onnx",
