@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from routet2i._errors import UsageError
+from routet2i.alpha_table import alpha_at_rate, table_rows
 from routet2i.bundle import publish_folder
 from routet2i.export.specs import ROUTER, ExportValidationError, OutputMismatch, compare_outputs
 from routet2i.paths import check_output_path
@@ -103,15 +104,15 @@ def _say(stage: str, message: str) -> None:
 
 
 def pick_alpha(calibration: list[dict[str, float]], rate: float) -> float:
-    """alpha for a cloud rate: the table's entry, or linear interpolation between the two neighbours."""
-    table = sorted((float(c["rate"]), float(c["alpha"])) for c in calibration)
-    lo, hi = table[0][0], table[-1][0]
-    if not lo <= rate <= hi:
-        raise UsageError(f"--target-rate {rate}: outside the router's calibration table [{lo:g}, {hi:g}]")
-    for (r0, a0), (r1, a1) in zip(table, table[1:], strict=False):
-        if r0 <= rate <= r1:
-            return a0 if r1 == r0 else a0 + (a1 - a0) * (rate - r0) / (r1 - r0)
-    return table[0][1]  # a one-entry table
+    """The default alpha for ``--target-rate``: the one rule of `routet2i.alpha_table` (the row of the
+    largest tabulated rate <= ``rate``), as training and the device read the table. A rate below the
+    table's first row is refused: the device would thin that row's cloud decisions, a default alpha cannot."""
+    rates, alphas = table_rows(calibration)
+    if rate < rates[0] - 1e-12:
+        raise UsageError(
+            f"--target-rate {rate}: below the router's calibration table [{rates[0]:g}, {rates[-1]:g}]"
+        )
+    return alpha_at_rate(rates, alphas, rate)[0]
 
 
 def _check_inputs(config: RouterExportConfig) -> None:

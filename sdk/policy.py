@@ -21,7 +21,6 @@ restarts and several processes of one device.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import hashlib
 import json
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from routet2i._errors import UsageError
+from routet2i.alpha_table import alpha_at_rate, table_rows
 
 try:
     import fcntl
@@ -79,34 +79,17 @@ class CalibrationTable:
         rows = routing.get("calibration")
         if not isinstance(rows, list) or not rows:
             raise UsageError("routing.json: 'calibration' must be a non-empty list of {rate, alpha} rows")
-        pairs = []
-        for row in rows:
-            try:
-                pairs.append((float(row["rate"]), float(row["alpha"])))
-            except (KeyError, TypeError, ValueError):
-                raise UsageError(
-                    f"routing.json: calibration row {row!r} needs numeric 'rate' and 'alpha'"
-                ) from None
-        pairs.sort()
-        return cls([p[0] for p in pairs], [p[1] for p in pairs])
+        try:
+            rates, alphas = table_rows(rows)
+        except UsageError as exc:
+            raise UsageError(f"routing.json: {exc}") from None
+        return cls(rates, alphas)
 
     def alpha(self, rate: float) -> tuple[float, float]:
-        """(alpha, keep) for a cloud rate in [0, 1].
-
-        alpha of the largest tabulated rate <= ``rate`` (as `routet2i.training.calibration.alpha_from_table`:
-        never overspends the budget). Below the first row, which the table cannot resolve, the first row's
-        alpha is used and only a ``keep`` = rate / rate_0 share of its cloud decisions is kept, so the expected
-        cloud rate still matches. ``rate`` 0 gives alpha 0 (PRS^ is never negative): nothing goes to the cloud.
-        """
-        if math.isnan(rate) or not (0.0 <= rate <= 1.0):
-            raise UsageError(f"cloud rate={rate!r}: must be in [0, 1]")
-        if rate <= 0.0:
-            return 0.0, 1.0
-        r, a = self.rates, self.alphas
-        if rate < r[0] - 1e-12:
-            return a[0], (rate / r[0])
-        i = bisect.bisect_right(r, rate + 1e-12)
-        return a[i - 1], 1.0
+        """(alpha, keep) for a cloud rate in [0, 1]: the one rule of `routet2i.alpha_table` (the row of the
+        largest tabulated rate <= ``rate``, never overspending; rate 0 gives alpha 0; below the first row its
+        alpha with ``keep`` = rate / rate_0, the share of its cloud decisions kept)."""
+        return alpha_at_rate(self.rates, self.alphas, rate)
 
 
 class LocalOnlyRules:

@@ -150,9 +150,9 @@ def test_target_rate_picks_alpha() -> None:
     from routet2i.export.router import pick_alpha
 
     assert pick_alpha(CALIBRATION, 0.5) == 0.5
-    assert pick_alpha(CALIBRATION, 0.6) == pytest.approx(0.55)
-    with pytest.raises(UsageError, match="--target-rate 0.9"):
-        pick_alpha(CALIBRATION, 0.9)
+    assert pick_alpha(CALIBRATION, 0.6) == 0.5  # the row at or below (routet2i.alpha_table), no interpolation
+    with pytest.raises(UsageError, match="--target-rate 0.05"):
+        pick_alpha(CALIBRATION, 0.05)
 
 
 def test_bad_input_is_one_line(router_dir: Path, tmp_path: Path, capsys) -> None:

@@ -6,7 +6,8 @@ A prompt goes to the cloud iff PRS^ < alpha. For a budget rho (fraction of promp
 
 The cap keeps on the edge the prompts where the edge model is predicted better, so the realized cloud rate
 can stay below rho. The router stores a table over a grid of rates so the device can change its budget
-without retraining (it reads the largest tabulated rate <= its target).
+without retraining (it reads the largest tabulated rate <= its target: `routet2i.alpha_table`, the one
+rule training, export and the device share).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from routet2i._errors import UsageError
+from routet2i.alpha_table import alpha_at_rate, table_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +50,7 @@ def calibration_table(
 
 
 def alpha_from_table(table: Sequence[dict[str, float]], rate: float) -> float:
-    """alpha of the largest tabulated rate <= ``rate`` (never overspends the budget)."""
-    r = _check_rate(rate)
-    rows = sorted(table, key=lambda row: row["rate"])
-    if not rows:
-        raise UsageError("the calibration table is empty")
-    chosen = rows[0]
-    for row in rows:
-        if row["rate"] <= r + 1e-12:
-            chosen = row
-    return float(chosen["alpha"])
+    """alpha for ``rate`` from a calibration table by the one rule of `routet2i.alpha_table` (the row of the
+    largest tabulated rate <= ``rate``: never overspends the budget; rate 0: alpha 0)."""
+    rates, alphas = table_rows(table)
+    return alpha_at_rate(rates, alphas, _check_rate(rate))[0]
