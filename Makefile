@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench results proto clean
+.PHONY: install demo wheel test lint format bench results proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/routet2i dev demo --prompts examples/demo_prompts.txt --out demo-out
+
+# dist/routet2i-VERSION-py3-none-any.whl: the one wheel (device, workstation and cloud code; the extras pick
+# the dependencies). Copy it to a device and `pip install 'routet2i-*.whl[edge]'` (or `[edge-gpu]`).
+DIST ?= dist
+wheel: | $(PY)
+	rm -rf build $(DIST)/routet2i-*.whl  # build/: setuptools never drops files deleted from the tree
+	$(PIP) wheel --no-deps --no-build-isolation -q -w $(DIST) .
+	@ls $(DIST)/routet2i-*.whl
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
