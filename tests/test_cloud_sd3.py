@@ -89,3 +89,31 @@ def test_sd3_sizes_follow_the_model(sd3_server):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
     r = stub.Generate(request(width=32, height=48, seed=0), metadata=auth(token), timeout=120)
     assert _pixels(r.image_png).shape == (48, 32, 3)
+
+
+def test_two_sd3_pipelines_each_charge_their_units(tiny_models, sd3_server, tmp_path):
+    """Two tiny SD3 pipelines served as two models (issue 14): each request goes to its model's pipeline
+    and takes that model's cost from the quota. The first model is the module server's already loaded
+    pipeline (one load fewer; that server is idle meanwhile), the second a fresh load of the same folder."""
+    _, _, _, loaded = sd3_server
+    other = Recording(str(tiny_models["cloud-sd3"]), torch_threads=1)
+    other.calls = []
+    loaded.calls.clear()
+    store = open_store(f"sqlite:///{tmp_path / 'q.db'}")
+    token = store.add_device("two", quota=4, period="total")
+    cfg = ServerConfig(default_steps=1, batch_window_s=0.0)
+    with BackgroundServer(store, {"tier1": loaded, "tier2": other}, config=cfg, costs={"tier2": 3}) as srv:
+        channel, stub = stub_for(srv.address)
+        a = stub.Generate(request("a fox", seed=1, width=32, height=32), metadata=auth(token), timeout=120)
+        b = stub.Generate(
+            request("a fox", seed=1, width=32, height=32, model="tier2"), metadata=auth(token), timeout=120
+        )
+        assert (a.model, a.units_charged, a.quota.used) == ("tier1", 1, 1)
+        assert (b.model, b.units_charged, b.quota.used) == ("tier2", 3, 4)
+        assert (loaded.calls, other.calls) == ([1], [1])
+        assert _pixels(b.image_png).shape == (32, 32, 3)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(request("x", model="tier2"), metadata=auth(token), timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "costs 3 units" in e.value.details()
+        channel.close()
+    store.close()
