@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from routet2i._errors import BundleError, BundleFileMissing, UsageError
-from routet2i.paths import user_cache_dir
+from routet2i.paths import atomic_write, user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +212,7 @@ class HashCache:
             return
         body = {"format_version": 1, "bundle": str(self.root), "files": self.entries}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(body))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(body), fsync=False)  # a cache: rebuilt if lost
         except OSError as exc:
             logger.warning(
                 "cannot write the hash cache %s (%s): the next launch hashes again", self.path, exc

@@ -12,13 +12,12 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from routet2i._errors import UsageError
-from routet2i.paths import check_output_path
+from routet2i.paths import atomic_path, check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +107,8 @@ class _Progress:
 
 def save_png_atomic(image: Any, path: Path) -> None:
     """Write the PNG next to its destination, then rename: no half-written file on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an image is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # mode: as a plain open() gives (routet2i.paths)
+        image.save(tmp, format="PNG")
 
 
 def describe(result: Any) -> str:

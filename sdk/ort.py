@@ -24,6 +24,7 @@ from typing import Any, Union
 
 import numpy as np
 from routet2i._errors import BundleError, BundleFileMissing, UsageError
+from routet2i.paths import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -244,9 +245,7 @@ class GraphCache:
             shutil.rmtree(old, ignore_errors=True)
         staged.rename(self.folder)
         stamps = {p.name: _stamp(p) for p in self.folder.iterdir() if p.is_file()}
-        tmp = self.folder / ".stamps.tmp"
-        tmp.write_text(json.dumps(stamps))
-        os.replace(tmp, self.stamps)
+        atomic_write(self.stamps, json.dumps(stamps), fsync=False)  # a cache: rebuilt if lost
 
 
 def _options(providers: list[Any]) -> list[Any]:

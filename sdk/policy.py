@@ -29,7 +29,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -39,6 +38,7 @@ from typing import Any
 
 from routet2i._errors import UsageError
 from routet2i.alpha_table import alpha_at_rate, table_rows
+from routet2i.paths import atomic_write
 
 try:
     import fcntl
@@ -311,15 +311,8 @@ class DeviceState:
             return
         data = json.dumps(self._document(), separators=(",", ":")).encode()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # private (owner only): quota and request history; no fsync: rewritten on every request
+            atomic_write(self.path, data, private=True, fsync=False)
             self._last_bytes = data
         except OSError as exc:  # state is an optimisation: never fail a generation because of it
             self._warn(f"could not write state file {self.path}: {exc}")

@@ -42,3 +42,41 @@ def test_training_export_and_device_agree_on_alpha():
         assert pick_alpha(table, rate) == a_dev
         assert alpha_from_table(table, rate) == a_dev
     assert alpha_from_table(table, 0.254) == next(r["alpha"] for r in table if r["rate"] == 0.25)
+
+
+def test_atomic_write_mode_rule_and_failure(tmp_path):
+    import os
+
+    from routet2i.paths import atomic_path, atomic_write
+
+    old = os.umask(0o027)
+    try:
+        p = atomic_write(tmp_path / "sub" / "report.json", '{"a": 1}')
+        assert p.read_text() == '{"a": 1}' and (p.stat().st_mode & 0o777) == 0o640  # 0o666 & ~umask
+        s = atomic_write(tmp_path / "state.json", b"{}", private=True, fsync=False)
+        assert (s.stat().st_mode & 0o777) == 0o600
+        os.chmod(p, 0o600)
+        atomic_write(p, "new")  # replacing does not keep the old mode: the rule decides
+        assert (p.stat().st_mode & 0o777) == 0o640 and p.read_text() == "new"
+    finally:
+        os.umask(old)
+    with pytest.raises(RuntimeError), atomic_path(p) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+    assert p.read_text() == "new" and sorted(x.name for x in p.parent.iterdir()) == ["report.json"]
+
+
+def test_one_atomic_write_helper():
+    """Files written whole go through routet2i.paths; os.replace / mkstemp elsewhere only publish folders."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    allowed = {"sdk/paths.py", "training/demo.py"}  # the helper; a folder publisher
+    offenders = []
+    for folder in ("sdk", "export", "training", "cloud_server"):
+        for f in (repo / folder).rglob("*.py"):
+            rel = f.relative_to(repo).as_posix()
+            if rel not in allowed and re.search(r"os\.replace\(|mkstemp\(", f.read_text(encoding="utf-8")):
+                offenders.append(rel)
+    assert not offenders, f"write files through routet2i.paths.atomic_write/atomic_path: {offenders}"

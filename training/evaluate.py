@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import fields, replace
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from routet2i.paths import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -479,14 +479,7 @@ def check_eval_args(args: argparse.Namespace, n_texts: int | None = None) -> lis
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(report, fh, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be read
-    os.replace(tmp, out)
-    return out
+    return atomic_write(path, json.dumps(report, indent=1))
 
 
 def run(args: argparse.Namespace) -> int:

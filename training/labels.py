@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from routet2i._errors import UsageError
-from routet2i.paths import check_output_path
+from routet2i.paths import atomic_path, check_output_path
 from routet2i.prs import DEFAULT_EPS, DEFAULT_GAMMA, metric_distances, normalize_weights
 
 if TYPE_CHECKING:
@@ -79,14 +79,8 @@ def labels_frame(
 def write_labels(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write a labels CSV through a temp file + rename."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(p) as tmp:
         df.to_csv(tmp, index=False)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return p
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from routet2i._errors import UsageError
+from routet2i.paths import atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -189,19 +190,12 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     out = validate_table(df, source="table to write")
     out["n"] = _n_column(out["n"])
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(p) as tmp:
         if _is_parquet(p):
             out.to_parquet(tmp, index=False)
         else:
             compression = "gzip" if p.suffix.lower() == ".gz" else None
             out.to_csv(tmp, index=False, na_rep="", compression=compression)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     logger.info("wrote %d rows to %s", len(out), p)
     return p
 
