@@ -44,7 +44,10 @@ COMMANDS: dict[tuple[str | None, str], tuple[str, str]] = {
         "cloud win rate and mean gap by noun count (the paper's Fig. 3)",
     ),
     (None, "labels"): ("routet2i.training.labels", "compute PRS labels for an edge/cloud model pair"),
-    (None, "train"): ("routet2i.training.train", "train a router (RouteT2I or a baseline)"),
+    (None, "train"): (
+        "routet2i.training.train",
+        "train a router (default multitask; RouteT2I or a baseline with --method)",
+    ),
     (None, "eval"): ("routet2i.training.evaluate", "K-fold x seeds evaluation of routers: JSON + plot"),
     ("export", "router"): ("routet2i.export.router", "export a trained router to an ONNX router bundle"),
     ("export", "edge"): ("routet2i.export.edge", "export an SD2.1 pipeline to an ONNX edge bundle"),

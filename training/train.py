@@ -1,4 +1,8 @@
-"""`routet2i train`: fit one router (RouteT2I, an ablation or a trained baseline) on a quality table.
+"""`routet2i train`: fit one router (the default multitask router, RouteT2I, an ablation or a baseline).
+
+The default method is ``multitask`` (``multitask.py``: heads on the layer-mean pooled frozen backbone,
+calibrated on out-of-fold predictions of the whole file; ``_run_multitask``). Everything below serves
+RouteT2I, its ablations and the trained baselines (``--method``).
 
 Reads top to bottom:
 
