@@ -1,4 +1,4 @@
-"""routet2i cloud endpoint: serve an SD3 pipeline over gRPC with per-device quotas.
+"""routet2i cloud endpoint: serve SD3 pipelines over gRPC with per-device quotas in units.
 
 Start a loopback server in-process (tests, the demo) and give a device a token::
 
@@ -9,6 +9,9 @@ Start a loopback server in-process (tests, the demo) and give a device a token::
     with BackgroundServer(store, "/path/to/sd3-folder") as srv:        # or "noop"; binds 127.0.0.1:0
         address = srv.address                                          # "127.0.0.1:<port>"
         # clients send metadata ("authorization", f"Bearer {token}")
+    # several models, one batcher each, the first the default; an image costs its model's units (default 1)
+    with BackgroundServer(store, {"small": "/path/a", "large": "/path/b"}, costs={"large": 3}) as srv:
+        ...                                                            # GenerateRequest.model = "large"
 
 From asyncio code: ``server, port = await create_server(store, pipeline, "127.0.0.1:0")`` then
 ``await server.stop(grace)``. The command line is ``routet2i-cloud`` (`routet2i.cloud_server.cli`).

@@ -37,10 +37,9 @@ from routet2i.cloud_server.metrics import Metrics
 from routet2i.cloud_server.pipelines import GenParams, Pipeline
 from routet2i.cloud_server.safe_text import clip
 from routet2i.cloud_server.store import IDEMPOTENCY_S, Device, QuotaSnapshot, QuotaStore, Reservation
+from routet2i.seed import SEED_MAX
 
 logger = logging.getLogger(__name__)
-
-UINT64_MAX = 2**64 - 1
 
 
 @dataclass
@@ -152,7 +151,7 @@ def validate(req: GenerateInput, cfg: ServerConfig, pipeline: Pipeline) -> GenPa
             "guidance_scale", f"is {guidance}; use a finite number from 0 to {cfg.max_guidance}"
         )
     seed = 0 if req.seed is None else int(req.seed)
-    if not 0 <= seed <= UINT64_MAX:
+    if not 0 <= seed <= SEED_MAX:  # uint64: the one bound of client, edge pipeline and server
         raise InvalidArgument("seed", f"is {seed}; use 0 to 2**64-1")
     return GenParams(req.prompt, req.negative_prompt, sizes["width"], sizes["height"], steps, guidance, seed)
 
@@ -297,6 +296,8 @@ class CloudCore:
             batcher.start()
         self.batchers = batchers
         self.batcher = batchers[self.default_model]
+        # one gauge for every model's queue (each batcher alone would overwrite the others' depth)
+        self.metrics.queue_depth.set_function(lambda: sum(b.depth for b in batchers.values()))
         self.metrics.ready.set(1)
 
     async def _purge_loop(self) -> None:

@@ -20,7 +20,7 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "routet2i_cloud_queue_depth", "requests waiting for the pipeline", registry=r
+            "routet2i_cloud_queue_depth", "requests waiting for a pipeline (every model)", registry=r
         )
         self.batch_size = Histogram(
             "routet2i_cloud_batch_size", "requests per pipeline call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 
 import grpc
 import pytest
@@ -334,4 +335,27 @@ def test_sdk_cloud_client_picks_a_model_and_sees_costs(sqlite_url):
             assert e.value.quota is not None and e.value.quota.remaining == 0
             with pytest.raises(CloudRejected, match="served models: small, big"):
                 client.generate(request(request_id="s4"), model="huge")
+    store.close()
+
+
+def test_queue_depth_gauge_counts_every_models_queue(sqlite_url):
+    from prometheus_client import generate_latest
+
+    store = open_store(sqlite_url)
+    token = store.add_device("g", quota=100, period="total")
+    slow = {"a": NoOpPipeline(step_delay_s=0.2), "b": NoOpPipeline(step_delay_s=0.2)}
+    cfg = ServerConfig(default_steps=2, batch_window_s=0.0, max_batch=1)
+    with BackgroundServer(store, slow, config=cfg) as srv:
+        channel, stub = stub_for(srv.address)
+        futures = [
+            stub.Generate.future(request(f"p{i}", model=m), metadata=auth(token), timeout=30)
+            for i, m in enumerate("aabb")
+        ]
+        deadline = time.monotonic() + 10
+        while sum(b.depth for b in srv.core.batchers.values()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        text = generate_latest(srv.core.metrics.registry).decode()
+        assert "routet2i_cloud_queue_depth 2.0" in text, text
+        assert [f.result().model for f in futures] == ["a", "a", "b", "b"]
+        channel.close()
     store.close()
