@@ -43,6 +43,7 @@ from routet2i.policy import (
     exhaustion_end,
 )
 from routet2i.progress import ProgressEvent
+from routet2i.seed import SEED_MAX, check_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     import grpc
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["AsyncEdgeClient", "EdgeClient", "GenerateResult", "ProgressEvent", "RouteDecision"]
 
 _QUOTA_REFRESH_S = 300.0  # at most one GetQuota per this many seconds when pacing needs a fresh quota
-_MAX_SEED = 2**32 - 1
+_MAX_SEED = SEED_MAX  # uint64, as on the wire and in EdgePipeline / the cloud server (routet2i.seed)
 
 
 @dataclass
@@ -321,8 +322,7 @@ class EdgeClient:
     ) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise UsageError(f"prompt={prompt!r}: must be a non-empty string")
-        if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED):
-            raise UsageError(f"seed={seed!r}: must be an integer in [0, {_MAX_SEED}]")
+        check_seed(seed)
         if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= 1000):
             raise UsageError(f"num_inference_steps={steps!r}: must be an integer in [1, 1000]")
         if guidance is not None and (not isinstance(guidance, (int, float)) or not math.isfinite(guidance)):

@@ -36,6 +36,7 @@ from routet2i.ort import (
 )
 from routet2i.progress import ProgressEvent
 from routet2i.schedulers import Scheduler, load_scheduler_config, scheduler_from_config
+from routet2i.seed import check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -454,10 +455,7 @@ class EdgePipeline:
             raise UsageError(
                 f"width={width}, height={height}: size not allowed by this bundle; allowed: {self.size_rule.describe()}"
             )
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63
-        ):
-            raise UsageError(f"seed={seed!r}: must be None or an integer in [0, 2**63)")
+        check_seed(seed)  # [0, 2**64 - 1]: the bound the client and the cloud use (routet2i.seed)
         if latents is not None:
             shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
             if not isinstance(latents, np.ndarray) or tuple(latents.shape) != shape:

@@ -152,6 +152,10 @@ def test_multistep_scheduler_state_does_not_leak_between_calls(edge_bundle) -> N
     assert np.array_equal(first, second)
 
 
+def test_largest_seed_is_uint64_max(pipe) -> None:
+    assert pipe("a fox", num_inference_steps=1, seed=2**64 - 1, output_type="np").shape[-1] == 3
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -168,6 +172,7 @@ def test_multistep_scheduler_state_does_not_leak_between_calls(edge_bundle) -> N
         ({"width": 64, "height": 2048}, r"height=2048.*\[64, 1024\]"),
         ({"width": 0, "height": 64}, "width=0"),
         ({"seed": -1}, "seed=-1"),
+        ({"seed": 2**64}, r"seed=18446744073709551616.*2\*\*64 - 1"),  # uint64, as client and cloud
         ({"latents": np.zeros((1, 4, 16, 16), np.float32)}, r"latents: shape \(1, 4, 16, 16\)"),
         ({"latents": np.full((1, 4, 8, 8), np.nan, np.float32)}, "latents: contain NaN"),
         ({"negative_prompt": 3}, "negative_prompt=3"),

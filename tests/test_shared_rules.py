@@ -80,3 +80,54 @@ def test_one_atomic_write_helper():
             if rel not in allowed and re.search(r"os\.replace\(|mkstemp\(", f.read_text(encoding="utf-8")):
                 offenders.append(rel)
     assert not offenders, f"write files through routet2i.paths.atomic_write/atomic_path: {offenders}"
+
+
+def test_one_seed_bound_client_pipeline_server_and_wire():
+    """uint64 everywhere: the proto's seed fields, EdgeClient, EdgePipeline and the cloud's validation."""
+    from PIL import Image
+    from routet2i import EdgeClient
+    from routet2i.cloud.v1 import cloud_pb2
+    from routet2i.seed import SEED_MAX, check_seed
+
+    assert SEED_MAX == 2**64 - 1
+    for msg in (cloud_pb2.GenerateRequest, cloud_pb2.GenerateResponse):
+        assert msg.DESCRIPTOR.fields_by_name["seed"].type == msg.DESCRIPTOR.fields_by_name["seed"].TYPE_UINT64
+    assert cloud_pb2.GenerateRequest(seed=SEED_MAX).seed == SEED_MAX
+    assert check_seed(SEED_MAX) == SEED_MAX and check_seed(None) is None
+    for bad in (-1, SEED_MAX + 1, 1.0, True, "3"):
+        with pytest.raises(UsageError, match="seed"):
+            check_seed(bad)
+
+    seen = []
+
+    def edge(prompt, **kw):
+        seen.append(kw["seed"])
+        return Image.new("RGB", (8, 8))
+
+    client = EdgeClient(edge=edge, state_file="", decision_log="")
+    try:
+        assert client.generate("a fox", seed=SEED_MAX, force="edge").seed == SEED_MAX and seen == [SEED_MAX]
+        with pytest.raises(UsageError, match="seed"):
+            client.generate("a fox", seed=SEED_MAX + 1, force="edge")
+        drawn = [
+            client.generate("a fox", force="edge").seed for _ in range(8)
+        ]  # the client draws from the whole range
+        assert all(0 <= s <= SEED_MAX for s in drawn) and max(drawn) > 2**32
+    finally:
+        client.close()
+
+
+def test_seed_bound_in_the_server():
+    """(EdgePipeline's bound: tests/test_edge_pipeline.py, test_largest_seed_is_uint64_max and bad input.)"""
+    from routet2i.cloud_server.core import GenerateInput, ServerConfig, validate
+    from routet2i.cloud_server.errors import InvalidArgument
+    from routet2i.cloud_server.pipelines import NoOpPipeline
+    from routet2i.seed import SEED_MAX
+
+    cfg = ServerConfig()
+    assert (
+        validate(GenerateInput(request_id="", prompt="x", seed=SEED_MAX), cfg, NoOpPipeline()).seed
+        == SEED_MAX
+    )
+    with pytest.raises(InvalidArgument, match="seed"):
+        validate(GenerateInput(request_id="", prompt="x", seed=SEED_MAX + 1), cfg, NoOpPipeline())
