@@ -54,6 +54,7 @@ requests = st.builds(
     num_inference_steps=st.one_of(st.integers(0, 120), u32),
     guidance_scale=st.one_of(st.none(), st.floats(width=32)),
     seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+    model=st.one_of(st.just(""), st.just("noop"), st.text(max_size=120)),  # unknown: INVALID_ARGUMENT
     routing=st.builds(cloud_pb2.RoutingInfo, predicted_prs=st.floats(width=32), alpha=st.floats(width=32),
                       router_version=st.text(max_size=20), reason=st.text(max_size=20)),
 )  # fmt: skip

@@ -359,3 +359,11 @@ def test_queue_depth_gauge_counts_every_models_queue(sqlite_url):
         assert [f.result().model for f in futures] == ["a", "a", "b", "b"]
         channel.close()
     store.close()
+
+
+def test_stream_goes_to_the_named_model(two_models):
+    stub, token, store, small, big = two_models
+    events = list(stub.GenerateStream(request(request_id="s", model="big"), metadata=auth(token), timeout=10))
+    result = events[-1].result
+    assert (result.model, result.units_charged, result.quota.used) == ("big", 3, 3)
+    assert (len(small.calls), len(big.calls)) == (0, 1)
