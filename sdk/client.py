@@ -5,8 +5,8 @@
                         target_cloud_rate=0.3)          # or EdgeClient.from_config("routet2i.toml")
     result = client.generate("a red fox in the snow", seed=0, num_inference_steps=20)
 
-One call: the ONNX router predicts PRS^ (section 4 of ROUTET2I.md: the edge is predicted better when PRS^ is
-high), the policy (`routet2i.policy`) decides with alpha for the (quota-paced) target cloud rate (online
+One call: the ONNX router predicts PRS^ (the edge is predicted better when PRS^ is high; README, section
+SDK), the policy (`routet2i.policy`) decides with alpha for the (quota-paced) target cloud rate (online
 calibration: alpha follows the device's own PRS^ distribution), the image is generated where decided, and a
 cloud failure falls back to the edge with the reason in the result. `EdgeClient.route` is the same decision
 without generating. Every decision is appended to the decision log. `AsyncEdgeClient` is the asyncio twin.
@@ -88,7 +88,7 @@ class RouteDecision:
 
 @dataclass
 class GenerateResult:
-    """What `EdgeClient.generate` returns (CONTRACTS.md section 5)."""
+    """What `EdgeClient.generate` returns (the fields below; README, section SDK)."""
 
     image: Image.Image  # the generated image
     route: str  # where it was generated: "edge" | "cloud"

@@ -1,4 +1,4 @@
-"""gRPC client of the cloud endpoint (CONTRACTS.md section 4), built to fail fast and never pay twice.
+"""gRPC client of the cloud endpoint (proto/routet2i/cloud/v1/cloud.proto), built to fail fast and never pay twice.
 
 - Plain or TLS channels (optionally mTLS); the device token travels as ``authorization: Bearer <token>``.
 - One deadline per generation covers every attempt. UNAVAILABLE and DEADLINE_EXCEEDED are retried with

@@ -86,7 +86,7 @@ class ClientConfig:
     calibration: str = "online"  # "online": alpha tracks the target quantile of the device's own PRS^;
     # "static": alpha from the bundle's calibration table only
     calibration_window: int = 500  # PRS^ values (numbers only) online calibration keeps per router
-    pacing: bool = True  # quota-aware pacing: target min(rate, R/M) (ROUTET2I.md section 4)
+    pacing: bool = True  # quota-aware pacing: target min(rate, R/M) (README, SDK: quota-aware pacing)
     pacing_min_requests: int = 5  # requests seen before the device trusts its own request rate
     pacing_window_s: float = 7 * 86400.0  # how far back request times count for the rate estimate
     pacing_min_span_s: float | None = None  # the rate estimate spans at least this long (a burst is not a
@@ -364,6 +364,47 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+# ROUTET2I_* variables that are not ClientConfig fields but mean something to some part of routet2i.
+OTHER_ENV = frozenset(
+    {
+        "LOG_LEVEL",  # logging level of the CLIs
+        "CACHE_DIR",  # user cache dir of the device (bundle hash cache, ONNX Runtime graphs)
+        "CACHE",  # workstation feature cache (training)
+        "DEMO_CACHE",  # the demo's build cache
+        "BENCH_CACHE",  # benchmarks' cache
+        "CLOUD_DB",  # routet2i-cloud's quota store URL
+        "SHARED_DATA",  # benchmarks / tests: the public data folder
+        "TEST_PG_URL",  # tests: a PostgreSQL server
+        "PG_DIR",  # tests: PostgreSQL scratch folder
+        "PG_PORT",  # tests: PostgreSQL port
+    }
+)
+# Names people reach for, and the setting they mean.
+_ENV_ALIASES = {"ENDPOINT": "CLOUD", "CLOUD_ENDPOINT": "CLOUD", "STEPS": "NUM_INFERENCE_STEPS"}
+
+
+def unknown_env_vars(environ: dict[str, str], token_env: str = DEFAULT_TOKEN_ENV) -> list[str]:
+    """One message per ``ROUTET2I_*`` variable that no part of routet2i reads (a typo is silently
+    ignored otherwise), with the setting it probably meant."""
+    import difflib
+
+    fields = {f.name.upper() for f in dataclasses.fields(ClientConfig)} - {"TOKEN", "TOKEN_ENV"}
+    known = fields | OTHER_ENV
+    out = []
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var == token_env:
+            continue
+        name = var[len(ENV_PREFIX) :]
+        if name in known:
+            continue
+        guess = _ENV_ALIASES.get(name) or next(
+            iter(difflib.get_close_matches(name, sorted(known), n=1)), None
+        )
+        hint = f" (did you mean {ENV_PREFIX}{guess}?)" if guess else ""
+        out.append(f"environment variable {var} is not a routet2i setting and is ignored{hint}")
+    return out
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     environ: dict[str, str] | None = None,
@@ -387,6 +428,8 @@ def load_config(
         if value is not None:
             values[key] = value
     token_env = values.get("token_env", DEFAULT_TOKEN_ENV)
+    for message in unknown_env_vars(env, token_env):
+        logger.warning("%s", message)
     if "token" not in overrides or overrides.get("token") is None:
         values["token"] = env.get(token_env) or None
     try:

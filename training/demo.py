@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,44 @@ def _routet2i(argv: list[str]) -> None:
         raise RuntimeError(f"`routet2i {' '.join(argv)}` failed with exit code {rc}")
 
 
+# Third-party chatter (torch export warnings, diffusers' "Multiple distributions found for package optimum",
+# loading bars) goes to a log file in the cache unless the command was given -v.
+VERBOSE = 0
+
+
+@contextlib.contextmanager
+def _hush(log: Path) -> Iterator[None]:
+    """Send everything written to stdout/stderr (Python and C level) and every warning to ``log`` while
+    building or starting the demo, unless `VERBOSE`."""
+    if VERBOSE:
+        yield
+        return
+    for var in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with (
+            open(log, "a") as f,
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(f),
+            contextlib.redirect_stderr(f),
+        ):
+            warnings.simplefilter("ignore")
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
 @contextlib.contextmanager
 def _staged(final: Path) -> Iterator[Path]:
     """Build into a temp folder beside ``final``; rename on success, so a cache entry is whole or absent."""
@@ -97,7 +136,6 @@ def build_demo(cache_dir: Path | None = None, *, quiet: bool = False) -> dict[st
         ) from None
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     paths = {
         "models": root / "models",
         "table": TABLE,
@@ -106,8 +144,25 @@ def build_demo(cache_dir: Path | None = None, *, quiet: bool = False) -> dict[st
         "edge": root / "bundles" / "edge",
     }
     stamp = root / "ready.json"
-    with _build_lock(root):  # two demos started at once: the second waits, then finds the cache
-        return _build_locked(root, paths, stamp, say)
+    log = root / "build.log"
+    sys.stderr.flush()
+    err = os.dup(2)  # progress lines reach the terminal while the build's own output goes to the log
+
+    def say(msg: str) -> None:
+        if not quiet:
+            os.write(err, (msg + "\n").encode())
+
+    try:
+        with _build_lock(root):  # two demos started at once: the second waits, then finds the cache
+            if stamp.exists():
+                return _build_locked(root, paths, stamp, say)
+            with _hush(log):
+                try:
+                    return _build_locked(root, paths, stamp, say)
+                except RuntimeError as exc:
+                    raise RuntimeError(f"{exc} (its output is in {log}; -v shows it)") from None
+    finally:
+        os.close(err)
 
 
 @contextlib.contextmanager
@@ -169,7 +224,8 @@ def demo_client(
     with tempfile.TemporaryDirectory(prefix="routet2i-demo-") as work:
         store = open_store(f"sqlite:///{Path(work) / 'quota.db'}")
         token = store.add_device(DEMO_DEVICE, quota, "day")
-        server = BackgroundServer(store, str(built["cloud_pipeline"]))
+        with _hush(Path(work) / "server.log"):  # diffusers' loading bars and notices of the tiny SD3
+            server = BackgroundServer(store, str(built["cloud_pipeline"]))
         try:
             options = {"target_cloud_rate": 0.5, **{k: v for k, v in overrides.items() if v is not None}}
             options.setdefault("state_file", "")  # fresh pacing state every run
@@ -245,6 +301,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    global VERBOSE
+    VERBOSE = args.verbose
     if args.steps < 1:
         raise UsageError(f"--steps {args.steps}: must be an integer >= 1")
     run_table(_read_prompts(args.prompts), args.out, args.steps, args.cache_dir)
@@ -261,6 +319,8 @@ def edge_generate(argv: Sequence[str]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     cli.setup_logging(args.verbose)
+    global VERBOSE
+    VERBOSE = args.verbose
 
     def with_demo_client(run_with: Any) -> Any:
         with demo_client(target_cloud_rate=args.target_rate) as client:
