@@ -125,6 +125,9 @@ def describe(result: Any) -> str:
     }.get(result.reason, result.reason)
     if result.reason != "router":
         why += f" (PRS^={prs}, alpha={alpha})"
+    cause = getattr(result, "cloud_error", None)
+    if cause and result.route == "edge":
+        why += f"; cloud: {cause}"
     quota = ""
     if result.quota:
         quota = f", cloud quota {result.quota['remaining']}/{result.quota['limit']} left"

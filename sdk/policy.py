@@ -2,7 +2,7 @@
 
 - alpha for the target cloud rate. ``calibration = "static"``: from the router bundle's calibration table
   (cloud rate -> alpha, computed on the training prompts): the row of the largest tabulated rate <= the
-  target (ROUTET2I.md section 4). ``"online"`` (the default): the target quantile of PRS^ over the device's
+  target (`routet2i.alpha_table`). ``"online"`` (the default): the target quantile of PRS^ over the device's
   own recent prompts (a window of numbers, never prompt text), warm-started from the table and blended into
   the window as it fills, with the rate error of past decisions paid back, so the share of prompts the
   router wants in the cloud holds the target on the device's own traffic (ours; see README).

@@ -167,3 +167,14 @@ def test_edge_generate_force_cloud_bad_token_exits_1_unless_fallback(cloud, tmp_
     assert "UNAUTHENTICATED: unknown token" in err and "--allow-fallback" in err
     assert len(err.splitlines()) == 1 and not out.exists()
     assert main([*argv, "--strict", "--allow-fallback"]) == 2
+
+
+def test_text_output_of_a_fallback_names_the_cloud_cause():
+    from types import SimpleNamespace
+
+    from routet2i.cli import describe
+
+    r = SimpleNamespace(route="edge", reason="cloud_error", prs=None, alpha=None, paced_rate=None,
+                        target_rate=None, timings={"total": 0.5}, quota=None,
+                        cloud_error="cloud refused the request: UNAUTHENTICATED: unknown token")  # fmt: skip
+    assert "cloud: cloud refused the request: UNAUTHENTICATED: unknown token" in describe(r)
