@@ -18,11 +18,7 @@ import grpc
 import pytest
 from routet2i.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 
-__all__ = [
-    "pg_url",
-    "sqlite_url",
-    "store_url",
-]  # the fixtures: `from _cloud_helpers import *` in a test module
+__all__ = ["pg_url", "sqlite_url", "store_url"]  # the fixtures: registered by conftest.py
 
 PG_URL = os.environ.get("ROUTET2I_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 CLOUD_CLI = [sys.executable, "-m", "routet2i.cloud_server.cli"]

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The cloud tests' store fixtures (SQLite, PostgreSQL in a unique schema, both via store_url), registered here
+# for every test module instead of star imports.
+from _cloud_helpers import pg_url, sqlite_url, store_url  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("ROUTET2I_SHARED_DATA", REPO.parent / "shared" / "data"))
 QUALITY_CSV = SHARED_DATA / "quality" / "public_quality_long.csv"

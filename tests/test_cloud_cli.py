@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from _cloud_helpers import *  # noqa: F403 - the store fixtures
 from _cloud_helpers import CLOUD_CLI, ServeProcess
 from routet2i.cloud_server import open_store
 from routet2i.cloud_server.cli import main

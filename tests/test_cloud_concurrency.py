@@ -8,7 +8,6 @@ import subprocess
 import threading
 
 import grpc
-from _cloud_helpers import *  # noqa: F403 - the store fixtures
 from _cloud_helpers import CLOUD_CLI, ServeProcess, auth, request, stub_for
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from _cloud_helpers import *  # noqa: F403 - the store fixtures
 from routet2i.cloud_server import CloudCore, GenerateInput, NoOpPipeline, ServerConfig, open_store
 from routet2i.cloud_server.core import validate
 from routet2i.cloud_server.errors import InvalidArgument, NotReady, QuotaExhausted, Unauthenticated

@@ -11,7 +11,6 @@ import uuid
 
 import grpc
 import pytest
-from _cloud_helpers import *  # noqa: F403 - the store fixtures
 from _cloud_helpers import ServeProcess, _pg_admin_connect, auth, request, stub_for
 from routet2i.cloud_server import BackgroundServer, NoOpPipeline, ServerConfig, open_store
 

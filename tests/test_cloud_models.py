@@ -11,7 +11,6 @@ import time
 
 import grpc
 import pytest
-from _cloud_helpers import *  # noqa: F403 - the store fixtures
 from _cloud_helpers import auth, request, stub_for
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status

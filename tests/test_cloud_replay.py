@@ -14,7 +14,6 @@ import time
 
 import grpc
 import pytest
-from _cloud_helpers import *  # noqa: F403 - the store fixtures
 from _cloud_helpers import auth, request, stub_for
 from routet2i.cloud.v1 import cloud_pb2
 from routet2i.cloud_server import BackgroundServer, NoOpPipeline, ServerConfig, open_store

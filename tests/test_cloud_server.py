@@ -13,7 +13,6 @@ import urllib.request
 
 import grpc
 import pytest
-from _cloud_helpers import *  # noqa: F403 - the store fixtures
 from _cloud_helpers import auth, request, stub_for
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-from _cloud_helpers import *  # noqa: F403 - the store fixtures
 from routet2i.cloud_server.errors import (
     DeviceExists,
     QuotaExhausted,

@@ -143,7 +143,6 @@ def test_metric_count_mismatch_is_reported(handmade, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """A router trained for a few epochs on a small synthetic table, through `routet2i export router`."""
-    pytest.importorskip("routet2i.export.router", reason="routet2i export router has not landed yet")
     import random
 
     from routet2i.training.cli import main
