@@ -458,6 +458,8 @@ class EdgeClient:
             or deadline_s <= 0
         ):
             raise UsageError(f"deadline_s={deadline_s!r}: must be a finite number of seconds > 0")
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise UsageError(f"cancel={cancel!r}: must be a threading.Event (or None)")
         if strict is None:
             strict = cfg.strict
         elif not isinstance(strict, bool):

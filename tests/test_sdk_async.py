@@ -135,6 +135,9 @@ def test_sync_cancel_event_stops_at_the_next_step():
         with pytest.raises(GenerationCancelled):
             client.generate("a fox", force="edge", num_inference_steps=50, progress=progress, cancel=cancel)
     assert seen == [1, 2, 3] and edge.steps_run == [3]
+    with EdgeClient(edge=edge, state_file="", decision_log="") as client:
+        with pytest.raises(ValueError, match="cancel="):
+            client.generate("a fox", force="edge", cancel=True)
 
 
 def test_one_progress_signature_for_client_and_pipeline(tiny_models):
