@@ -53,8 +53,8 @@ def main() -> int:
     args = p.parse_args()
 
     from routet2i import EdgeClient
-    from routet2i.training.demo import build_demo
     from routet2i.edge_pipeline import EdgePipeline
+    from routet2i.training.demo import build_demo
 
     built = build_demo()
     work = Path(tempfile.mkdtemp(prefix="bench-sdk-"))
