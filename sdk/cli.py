@@ -264,7 +264,7 @@ def main_with(args: argparse.Namespace, client_factory: Any = None) -> int:
         return 130
     except ConnectionError as exc:  # a CloudError under --force cloud / strict: no edge fallback wanted
         logger.debug("failure", exc_info=True)
-        hint = "" if args.allow_fallback else " (--allow-fallback generates on the edge instead)"
+        hint = "" if args.allow_fallback else "; --allow-fallback generates on the edge instead"
         print(f"edge-generate: failed: {exc}{hint}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - one line, exit 1, traceback only with -v

@@ -485,7 +485,7 @@ class EdgeClient:
             cause = cloud_error or ("quota exhausted" if reason == "quota_exhausted" else "cloud unavailable")
             self._log(request_id, prompt, route, reason, decision, timings, quota, seed, cause, failed=True)
             err_type = QuotaExhausted if reason == "quota_exhausted" else CloudUnavailable
-            raise err_type(f"{cause}; strict: not generating on the edge instead", request_id=request_id)
+            raise err_type(f"{cause} (strict: no fallback to the edge)", request_id=request_id)
 
         if route == "cloud":
             assert self.cloud is not None
