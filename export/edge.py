@@ -43,6 +43,7 @@ from typing import Any
 
 from routet2i._errors import UsageError
 from routet2i.bundle import publish_folder
+from routet2i.export._log import cli_progress
 from routet2i.export.specs import (
     EDGE_GRAPHS,
     EDGE_OPSET,
@@ -192,7 +193,7 @@ def parse_size(text: str, what: str = "--sizes") -> tuple[int, int]:
 
 
 def _say(stage: str, message: str) -> None:
-    print(f"[export edge] {stage}: {message}", flush=True)
+    logger.info("[export edge] %s: %s", stage, message)  # shown by the CLI (routet2i.export._log)
 
 
 def _onnx_bytes(folder: Path) -> int:
@@ -641,15 +642,16 @@ def export_edge(config: EdgeExportConfig) -> EdgeExportResult:
 
 
 def _summary(result: EdgeExportResult) -> None:
-    print(f"[export edge] bundle {result.bundle} ({result.seconds:.1f}s)")
+    lines = [f"[export edge] bundle {result.bundle} ({result.seconds:.1f}s)"]
     for r in result.graphs.values():
         diff = max(r.max_abs_diff.values(), default=float("nan"))
         state = "validated" if r.validated else f"NOT validated: {r.not_validated_reason}"
-        print(f"  {r.name:<13} {r.bytes / 1e6:8.1f} MB  {r.dtype:<8} max abs diff {diff:.1e}  {state}")
+        lines.append(f"  {r.name:<13} {r.bytes / 1e6:8.1f} MB  {r.dtype:<8} max abs diff {diff:.1e}  {state}")
     if result.pipeline_validated:
-        print(f"  pipeline: torch vs ORT max abs diff {result.pipeline_max_abs_diff:.2e}")
+        lines.append(f"  pipeline: torch vs ORT max abs diff {result.pipeline_max_abs_diff:.2e}")
     else:
-        print("  pipeline: NOT validated on this machine")
+        lines.append("  pipeline: NOT validated on this machine")
+    logger.info("%s", "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -703,7 +705,8 @@ def run(args: argparse.Namespace) -> int:
         sign_key=args.sign_key,
     )
     try:
-        export_edge(config)
+        with cli_progress():
+            export_edge(config)
     except ExportValidationError as exc:
         print(f"routet2i export edge: error: {exc}")
         return 1

@@ -40,6 +40,7 @@ from typing import Any
 from routet2i._errors import UsageError
 from routet2i.alpha_table import alpha_at_rate, table_rows
 from routet2i.bundle import publish_folder
+from routet2i.export._log import cli_progress
 from routet2i.export.specs import ROUTER, ExportValidationError, OutputMismatch, compare_outputs
 from routet2i.paths import check_output_path
 
@@ -100,7 +101,7 @@ class RouterExportResult:
 
 
 def _say(stage: str, message: str) -> None:
-    print(f"[export router] {stage}: {message}", flush=True)
+    logger.info("[export router] %s: %s", stage, message)  # shown by the CLI (routet2i.export._log)
 
 
 def pick_alpha(calibration: list[dict[str, float]], rate: float) -> float:
@@ -426,7 +427,7 @@ def export_router(config: RouterExportConfig) -> RouterExportResult:
         raise
     result = RouterExportResult(bundle=out, exporter=chosen, candidates=candidates, routing=routing)
     result.seconds = time.perf_counter() - start
-    print(
+    logger.info(
         f"[export router] bundle {out} ({result.seconds:.1f}s): exporter {chosen}, "
         f"{len(routing['metrics'])} metrics, target rate {target_rate:g} -> alpha {alpha:.4f}, "
         f"max_length {max_length}, version {routing['router_version']}"
@@ -468,7 +469,8 @@ def run(args: argparse.Namespace) -> int:
         sign_key=args.sign_key,
     )
     try:
-        export_router(config)
+        with cli_progress():
+            export_router(config)
     except ExportValidationError as exc:
         print(f"routet2i export router: error: {exc}")
         return 1

@@ -68,7 +68,7 @@ def test_layout_routing_and_manifest(bundle, router_dir: Path) -> None:
         assert key in routing, key
     assert routing["metrics"] == METRICS and routing["weights"] == [1.0, 2.0, 1.0]
     assert routing["calibration"] == CALIBRATION
-    assert routing["target_rate"] == 0.3 and routing["alpha"] == pytest.approx(0.4)  # interpolated 0.1..0.5
+    assert routing["target_rate"] == 0.3 and routing["alpha"] == 0.3  # the row at or below: rate 0.1
     assert routing["max_length"] == 128 and routing["router_version"].startswith("routet2i-")
     manifest = verify_manifest(out, kind="router")
     info = manifest["router"]
@@ -159,7 +159,7 @@ def test_bad_input_is_one_line(router_dir: Path, tmp_path: Path, capsys) -> None
     cases = [
         (["--router", str(tmp_path / "nope")], "not a folder"),
         (["--router", str(tmp_path)], "no router.pt"),
-        (["--router", str(router_dir), "--target-rate", "0.9"], "outside the router's calibration table"),
+        (["--router", str(router_dir), "--target-rate", "0.05"], "below the router's calibration table"),
         (["--router", str(router_dir), "--target-rate", "1.5"], "must be a cloud rate"),
     ]
     for args, expect in cases:
@@ -240,3 +240,21 @@ def test_multitask_router_exports(tmp_path: Path) -> None:
         scores, want_scores.numpy(), atol=1e-4
     )
     assert abs(float(prs[0] - prs[1])) > 1e-6  # the prompt matters
+
+
+def test_cli_shows_the_progress_the_library_logs(router_dir: Path, tmp_path: Path, capsys) -> None:
+    from routet2i.training.cli import main
+
+    args = [
+        "export",
+        "router",
+        "--router",
+        str(router_dir),
+        "--out",
+        str(tmp_path / "b"),
+        "--exporter",
+        "torchscript",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[export router] 1/5 load" in out and f"[export router] bundle {tmp_path / 'b'}" in out

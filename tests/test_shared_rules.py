@@ -131,3 +131,49 @@ def test_seed_bound_in_the_server():
     )
     with pytest.raises(InvalidArgument, match="seed"):
         validate(GenerateInput(request_id="", prompt="x", seed=SEED_MAX + 1), cfg, NoOpPipeline())
+
+
+def test_export_library_logs_and_only_the_cli_prints():
+    """export/*: no print() outside the commands' run(); progress goes through logging."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for f in sorted((Path(__file__).resolve().parent.parent / "export").glob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.name != "run":
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                        offenders.append(f"{f.name}:{node.lineno} in {fn.name}()")
+    assert not offenders, offenders
+
+
+def test_cli_progress_shows_info_on_stdout_and_forwards_the_rest(capsys):
+    import logging
+
+    from routet2i.export._log import cli_progress
+
+    log = logging.getLogger("routet2i.export.edge")
+    log.info("[export edge] before")  # a library caller sees nothing unless it configures logging
+    seen = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append((record.levelname, record.getMessage()))
+
+    root = logging.getLogger()
+    collect, level = Collect(), root.level
+    root.addHandler(collect)
+    root.setLevel(logging.WARNING)
+    try:
+        with cli_progress():
+            log.info("[export edge] 1/6 export: %s", "done")
+            log.warning("slow")
+            log.debug("detail")
+    finally:
+        root.removeHandler(collect)
+        root.setLevel(level)
+    assert capsys.readouterr().out == "[export edge] 1/6 export: done\n"
+    assert seen == [("WARNING", "slow")]  # not the INFO line twice, not DEBUG at WARNING
+    assert logging.getLogger("routet2i.export").propagate
