@@ -30,7 +30,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edge-generate", description=__doc__.splitlines()[0])
     p.add_argument("prompt", help="the text prompt")
-    p.add_argument("-o", "--output", default="out.png", help="where to write the PNG (default: out.png)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="out.png",
+        help="where to write the image: .png (with seed, route, model, PRS^, alpha and the prompt as text "
+        "metadata; save_prompt = false leaves the prompt out), .jpg/.jpeg or .webp (default: out.png)",
+    )
     p.add_argument("--config", help="routet2i.toml with bundles, cloud endpoint and policy")
     p.add_argument(
         "--demo",
@@ -58,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-fallback",
         action="store_true",
         help="generate on the edge when the cloud fails, even with --force cloud or strict = true",
+    )
+    p.add_argument(
+        "--scheduler",
+        help="edge scheduler: dpm++, ddim, euler, pndm (default: the config's, else the bundle's)",
     )
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--local-only", action="store_true", help="keep this prompt on the device")
@@ -106,7 +116,7 @@ class _Progress:
 
 
 def save_png_atomic(image: Any, path: Path) -> None:
-    """Write the PNG next to its destination, then rename: no half-written file on failure."""
+    """Write a bare PNG (no metadata) atomically (`GenerateResult.save` writes one with its metadata)."""
     with atomic_path(path) as tmp:  # mode: as a plain open() gives (routet2i.paths)
         image.save(tmp, format="PNG")
 
@@ -172,11 +182,15 @@ def run(args: argparse.Namespace, client_factory: Any = None) -> int:
     if args.demo and args.config:
         raise UsageError("--demo uses its own tiny models and loopback cloud; drop --config (or --demo)")
     output = Path(args.output)
-    if output.suffix.lower() != ".png":
-        raise UsageError(f"-o {args.output}: the output is a PNG; use a .png file name")
+    from routet2i.client import image_format
+
+    try:
+        image_format(output)
+    except UsageError as exc:
+        raise UsageError(f"-o {exc}") from None
     check_output_path(output, "-o")
     progress = _Progress(enabled=not args.no_progress)
-    overrides = {"target_cloud_rate": args.target_rate}
+    overrides = {"target_cloud_rate": args.target_rate, "scheduler": args.scheduler}
     try:
         if client_factory is not None:
             result = client_factory(lambda client: _generate(args, client, progress))
@@ -198,7 +212,7 @@ def run(args: argparse.Namespace, client_factory: Any = None) -> int:
                 result = _generate(args, client, progress)
     finally:
         progress.close()
-    save_png_atomic(result.image, output)
+    result.save(output)  # atomic; the format by the extension, with the result's metadata
     if args.json:
         print(json.dumps({**result.to_dict(), "output": str(output)}, allow_nan=False))
     else:

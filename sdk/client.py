@@ -107,14 +107,101 @@ class GenerateResult:
     cloud_attempts: int = 0  # gRPC attempts made for this request
     cloud_error: str | None = None  # why the cloud did not deliver (error, or "circuit breaker open"...)
     metric_scores: list[float] = field(default_factory=list)  # router's per-metric scores
+    images: list[Image.Image] = field(
+        default_factory=list
+    )  # all images (num_images_per_prompt); [0] is image
+    seeds: list[int] = field(default_factory=list)  # seed of each image: seed + i (mod 2**64)
+    prompt: str | None = field(default=None, repr=False)  # for save()'s metadata; None when privacy says no
+    # (save_prompt = false, or a local-only prompt); not in to_dict()
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            self.images = [self.image]
+        if not self.seeds:
+            self.seeds = [int(self.seed)]
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field except the image (JSON-safe)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}
+        """Every field except the images and the prompt (JSON-safe)."""
+        skip = ("image", "images", "prompt")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         for k in ("prs", "alpha"):
             if isinstance(d.get(k), float) and not math.isfinite(d[k]):
                 d[k] = None
         return d
+
+    def metadata(self, index: int = 0) -> dict[str, str]:
+        """The text `save` writes into image ``index``: seed, route, model, PRS^ (``prs``), alpha, reason,
+        request_id, size, and the prompt when `prompt` is set (the privacy rule above)."""
+        meta = {
+            "software": f"routet2i {_version()}",
+            "seed": str(self.seeds[index]),
+            "route": self.route,
+            "reason": self.reason,
+            "model": self.model,
+            "prs": "" if self.prs is None else repr(float(self.prs)),
+            "alpha": "" if self.alpha is None else repr(float(self.alpha)),
+            "request_id": self.request_id,
+            "size": f"{self.width}x{self.height}",
+        }
+        if self.prompt is not None:
+            meta["prompt"] = self.prompt
+        return meta
+
+    def save(self, path: str | Path, *, index: int = 0, quality: int = 95) -> Path:
+        """Write image ``index`` (default the first, `image`) to ``path``; the format follows the extension:
+        ``.png`` (text chunks with `metadata`), ``.jpg``/``.jpeg`` and ``.webp`` (``quality``; the same
+        metadata as JSON in the EXIF ImageDescription). Written atomically (a temporary file beside it,
+        then renamed: never half a file). An unknown extension is a `UsageError` naming the allowed ones.
+        Returns the path."""
+        fmt = image_format(path)
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, int)
+            or not -len(self.images) <= index < len(self.images)
+        ):
+            raise UsageError(f"index={index!r}: this result has {len(self.images)} image(s)")
+        meta = self.metadata(index % len(self.images))
+        from routet2i.paths import atomic_path, check_output_path
+
+        dest = check_output_path(path, "path")
+        image = self.images[index]
+        with atomic_path(dest) as tmp:
+            if fmt == "PNG":
+                from PIL.PngImagePlugin import PngInfo
+
+                info = PngInfo()
+                for key, value in meta.items():
+                    info.add_itxt(key, value)  # iTXt: UTF-8 (a prompt may be any language)
+                image.save(tmp, format="PNG", pnginfo=info)
+            else:
+                import json
+
+                from PIL import Image as _Image
+
+                exif = _Image.Exif()
+                exif[0x010E] = json.dumps(meta, ensure_ascii=True)  # ImageDescription
+                exif[0x0131] = meta["software"]  # Software
+                image.convert("RGB").save(tmp, format=fmt, quality=quality, exif=exif.tobytes())
+        return dest
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_format(path: str | Path) -> str:
+    """PIL format name for ``path``'s extension; `UsageError` naming the allowed extensions otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise UsageError(
+            f"{str(path)!r}: unknown image extension {suffix or '(none)'!r}; allowed: {', '.join(IMAGE_FORMATS)}"
+        )
+    return IMAGE_FORMATS[suffix]
+
+
+def _version() -> str:
+    from routet2i import __version__
+
+    return __version__
 
 
 def _as_path(x: Any) -> str | None:
@@ -201,6 +288,7 @@ class EdgeClient:
             self.edge = EdgePipeline(
                 config.edge,
                 providers=config.providers,
+                scheduler=config.scheduler,
                 check_hashes=config.check_hashes,
                 trusted_keys=config.trusted_keys,
             )
@@ -251,10 +339,12 @@ class EdgeClient:
                 config.token_env,
             )
         self._router_version = str((routing or {}).get("router_version", ""))
+        # the edge model's name: from the bundle (EdgePipeline.model_name: the exported model), else the
+        # bundle folder's name, else the ready pipeline object's class name, else the router's edge model
         self._edge_name = (
-            Path(str(config.edge)).name
-            if config.edge
-            else (type(self.edge).__name__ if self.edge is not None else "")
+            str(getattr(self.edge, "model_name", "") or "")
+            or (Path(str(config.edge)).name if config.edge else "")
+            or (type(self.edge).__name__ if self.edge is not None else "")
         ) or str((routing or {}).get("edge_model", "edge"))
         self._cloud_name = str((routing or {}).get("cloud_model") or "cloud")
         # names a caller may pass as models=[...]: the router's pair (the N-model issue extends this)
@@ -431,6 +521,7 @@ class EdgeClient:
         deadline_s: float | None = None,
         strict: bool | None = None,
         cancel: threading.Event | None = None,
+        num_images_per_prompt: int = 1,
     ) -> GenerateResult:
         """Route and generate one image. Arguments left None take the config's defaults, then the pipeline's.
 
@@ -443,6 +534,12 @@ class EdgeClient:
         ``cancel``: a `threading.Event`; set from another thread, the edge run stops at the next denoising
         step (the device is free again at once) and a cloud stream is cancelled at its next event; raises
         `routet2i.GenerationCancelled`. Cancelling an `AsyncEdgeClient.generate` task sets it.
+        ``num_images_per_prompt`` (1 to 64): ``result.images`` holds them all (``result.image`` is the first),
+        image i generated with seed ``result.seeds[i] = seed + i`` (mod 2**64), wherever the prompt goes
+        (one routing decision). On the edge they are denoised one after the other; in the cloud each is
+        one request (charged as one image each). When the cloud fails on any of them, the whole batch is
+        generated on the edge (images the cloud already made are dropped, though charged) or, with
+        ``strict``, the error is raised.
         """
         cfg = self.config
         steps = num_inference_steps if num_inference_steps is not None else cfg.num_inference_steps
@@ -458,6 +555,9 @@ class EdgeClient:
             or deadline_s <= 0
         ):
             raise UsageError(f"deadline_s={deadline_s!r}: must be a finite number of seconds > 0")
+        n_images = num_images_per_prompt
+        if isinstance(n_images, bool) or not isinstance(n_images, int) or not 1 <= n_images <= 64:
+            raise UsageError(f"num_images_per_prompt={n_images!r}: must be an integer in [1, 64]")
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise UsageError(f"cancel={cancel!r}: must be a threading.Event (or None)")
         if strict is None:
@@ -473,7 +573,6 @@ class EdgeClient:
         prs = decision.prs
         route, reason = decision.route, decision.reason
         timings = {"route": t_route, "queue": 0.0, "generate": 0.0, "network": 0.0}
-        image = None
         model = ""
         attempts = 0
         cloud_error = decision.details.get("cause")  # e.g. "circuit breaker open": decided without a call
@@ -487,13 +586,12 @@ class EdgeClient:
             err_type = QuotaExhausted if reason == "quota_exhausted" else CloudUnavailable
             raise err_type(f"{cause} (strict: no fallback to the edge)", request_id=request_id)
 
+        seeds = [(int(seed) + i) % (_MAX_SEED + 1) for i in range(n_images)]
+        images: list[Any] = []
         if route == "cloud":
             assert self.cloud is not None
             from routet2i.cloud_client import CloudError, QuotaExhausted
 
-            req = self._cloud_request(
-                request_id, prompt, negative, steps, guidance, width, height, seed, decision
-            )
             cb = None
             if (progress is not None or cancel is not None) and cfg.stream:
 
@@ -504,10 +602,39 @@ class EdgeClient:
 
             t_cloud = time.perf_counter()
             try:
-                call = self.cloud.generate(req, on_progress=cb, deadline_s=deadline_s)
+                for i, seed_i in enumerate(seeds):  # one request per image (each its own idempotency key)
+                    req = self._cloud_request(
+                        request_id if i == 0 else f"{request_id}-{i}",
+                        prompt, negative, steps, guidance, width, height, seed_i, decision,
+                    )  # fmt: skip
+                    try:
+                        call = self.cloud.generate(req, on_progress=cb, deadline_s=deadline_s)
+                    except CloudError as exc:
+                        attempts += exc.attempts
+                        if n_images > 1:
+                            exc.args = (f"image {i + 1} of {n_images}: {exc}", *exc.args[1:])
+                        raise
+                    resp = call.response
+                    from PIL import Image
+
+                    image = Image.open(io.BytesIO(resp.image_png))
+                    image.load()
+                    images.append(image)
+                    attempts += call.attempts
+                    model = resp.model
+                    seeds[i] = int(resp.seed)
+                    timings["queue"] += resp.queue_seconds
+                    timings["generate"] += resp.generate_seconds
+                    timings["network"] += call.network_seconds
+                    if resp.HasField("quota"):
+                        from routet2i.cloud_client import quota_from_proto
+
+                        quota = quota_from_proto(resp.quota)
+                        self.state.set_quota(quota)
             except CloudError as exc:
                 timings["network"] = time.perf_counter() - t_cloud
-                attempts = exc.attempts
+                images = []
+                timings["queue"] = timings["generate"] = 0.0
                 if isinstance(exc, QuotaExhausted):
                     self._remember_exhaustion(exc)
                     quota = self.state.quota
@@ -518,34 +645,19 @@ class EdgeClient:
                     )  # fmt: skip
                     raise
                 route, reason, cloud_error = "edge", exc.reason, str(exc)
+                seeds = [(int(seed) + i) % (_MAX_SEED + 1) for i in range(n_images)]
                 logger.warning("cloud failed, generating on the edge: %s", exc)
-            else:
-                resp = call.response
-                from PIL import Image
 
-                image = Image.open(io.BytesIO(resp.image_png))
-                image.load()
-                attempts = call.attempts
-                model = resp.model
-                seed = int(resp.seed)
-                timings.update(
-                    queue=resp.queue_seconds, generate=resp.generate_seconds, network=call.network_seconds
-                )
-                if resp.HasField("quota"):
-                    from routet2i.cloud_client import quota_from_proto
-
-                    quota = quota_from_proto(resp.quota)
-                    self.state.set_quota(quota)
-
-        if image is None:  # the edge: decided, or a fallback
+        if not images:  # the edge: decided, or a fallback
             try:
                 if self.edge is None:
                     if cloud_error is not None:
                         raise ConnectionError(f"no edge bundle configured to fall back on: {cloud_error}")
                     raise UsageError("no edge bundle configured: pass edge=... (or force='cloud')")
-                image, t_queue, t_gen = self._edge_generate(
-                    request_id, prompt, negative, steps, guidance, width, height, seed, progress, cancel
-                )
+                images, t_queue, t_gen = self._edge_generate(
+                    request_id, prompt, negative, steps, guidance, width, height, seeds[0], progress, cancel,
+                    n_images,
+                )  # fmt: skip
             except BaseException:  # logged as a failed decision, then raised
                 self._log(
                     request_id,
@@ -562,9 +674,11 @@ class EdgeClient:
                 raise
             timings["queue"] += t_queue
             timings["generate"] = t_gen
-            model = Path(str(cfg.edge)).name if cfg.edge else type(self.edge).__name__
+            model = self._edge_name
         timings["total"] = time.perf_counter() - t_start
         timings = {k: _round(v) for k, v in timings.items()}
+        image = images[0]
+        keep_prompt = cfg.save_prompt and reason != "local_only"
         result = GenerateResult(
             image=image,
             route=route,
@@ -573,7 +687,7 @@ class EdgeClient:
             alpha=decision.alpha,
             timings=timings,
             quota=quota.to_dict() if quota is not None else None,
-            seed=int(seed),
+            seed=int(seeds[0]),
             request_id=request_id,
             width=image.width,
             height=image.height,
@@ -583,6 +697,9 @@ class EdgeClient:
             cloud_attempts=attempts,
             cloud_error=cloud_error,
             metric_scores=scores,
+            images=list(images),
+            seeds=[int(x) for x in seeds],
+            prompt=prompt if keep_prompt else None,
         )
         self._log(request_id, prompt, route, reason, decision, timings, quota, seed, cloud_error)
         return result
@@ -625,8 +742,9 @@ class EdgeClient:
         return req
 
     def _edge_generate(
-        self, request_id, prompt, negative, steps, guidance, width, height, seed, progress, cancel=None
+        self, request_id, prompt, negative, steps, guidance, width, height, seed, progress, cancel=None, n=1
     ):
+        """Run the edge pipeline under the device lock: (images, queue seconds, generate seconds)."""
         kwargs: dict[str, Any] = {"negative_prompt": negative or None, "seed": seed}
         if steps is not None:
             kwargs["num_inference_steps"] = steps
@@ -636,6 +754,8 @@ class EdgeClient:
             kwargs["width"] = width
         if height is not None:
             kwargs["height"] = height
+        if n > 1:  # only then, so a ready pipeline object without the argument still serves one image
+            kwargs["num_images_per_prompt"] = n
         if progress is not None or cancel is not None:
 
             def on_step(step: int, total: int, *_: Any) -> None:
@@ -648,8 +768,13 @@ class EdgeClient:
         with self._edge_lock:
             t1 = time.perf_counter()
             _check_cancel(cancel)  # cancelled while waiting for the device
-            image = self.edge(prompt, **kwargs)
-        return image, t1 - t0, time.perf_counter() - t1
+            out = self.edge(prompt, **kwargs)
+        images = list(out) if n > 1 else [out]
+        if len(images) != n:
+            raise RuntimeError(
+                f"the edge pipeline returned {len(images)} images for num_images_per_prompt={n}"
+            )
+        return images, t1 - t0, time.perf_counter() - t1
 
     def _record(self, request_id, decision, timings, quota, seed, cloud_error):
         rec = {

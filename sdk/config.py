@@ -20,8 +20,12 @@ Example::
     calibration = "online"               # or "static": the bundle's table only
     local_only_keywords = ["passport", "medical"]
 
+    [generation]
+    scheduler = "dpm++"                  # or "ddim", "euler", "pndm"; unset: the edge bundle's own
+
     [log]
     decision_log = "~/.local/state/routet2i/decisions.jsonl"
+    save_prompt = false                  # result.save() leaves the prompt out of the image's metadata
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from routet2i._errors import UsageError
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "ROUTET2I_"
+# Edge schedulers by short name (routet2i.schedulers.ALIASES; "pnm" is a common misspelling of pndm).
+SCHEDULER_NAMES = ("dpm++", "ddim", "euler", "pndm", "pnm", "plms")
 DEFAULT_TOKEN_ENV = "ROUTET2I_TOKEN"
 
 
@@ -98,6 +104,8 @@ class ClientConfig:
     # --- [log]
     decision_log: str | None = None  # JSONL decision log; None: <state dir>/decisions.jsonl; "": off
     log_prompts: bool = False  # write prompt text into the decision log
+    save_prompt: bool = True  # `GenerateResult.save` writes the prompt into the image's metadata; false:
+    # never (a local-only prompt is never written there either)
     state_file: str | None = None  # pacing + quota state; None: <state dir>/state.json; "": in memory only
     # --- [generation] defaults for generate() arguments left unset
     num_inference_steps: int | None = None  # None: the edge bundle's / server's default
@@ -105,6 +113,8 @@ class ClientConfig:
     width: int | None = None  # None: the pipeline default
     height: int | None = None  # None: the pipeline default
     negative_prompt: str = ""  # default negative prompt
+    scheduler: str | None = None  # edge denoising scheduler: "dpm++", "ddim", "euler", "pndm" (alias
+    # "pnm", "plms"); None: the edge bundle's own (scheduler_config.json). The cloud uses its own.
 
     def __post_init__(self) -> None:
         self.validate()
@@ -169,6 +179,18 @@ class ClientConfig:
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UsageError(f"{name}={value!r}: must be a list of strings")
+        if self.scheduler is not None and (
+            not isinstance(self.scheduler, str) or self.scheduler.lower() not in SCHEDULER_NAMES
+        ):
+            raise UsageError(
+                f"scheduler={self.scheduler!r}: unknown scheduler; allowed: {', '.join(SCHEDULER_NAMES)} "
+                "(or leave it unset for the edge bundle's own)"
+            )
+        if self.scheduler is not None:
+            self.scheduler = {"pnm": "pndm"}.get(self.scheduler.lower(), self.scheduler.lower())
+        for name in ("save_prompt", "log_prompts"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name}={getattr(self, name)!r}: must be true or false")
         if self.check_hashes not in ("first", "always", "never"):
             raise UsageError(f"check_hashes={self.check_hashes!r}: allowed: first, always, never")
         if self.trusted_keys is not None and (
@@ -249,12 +271,14 @@ _SECTIONS: dict[str, str | None] = {
     "local_only_keywords": "policy",
     "decision_log": "log",
     "log_prompts": "log",
+    "save_prompt": "log",
     "state_file": "log",
     "num_inference_steps": "generation",
     "guidance_scale": "generation",
     "width": "generation",
     "height": "generation",
     "negative_prompt": "generation",
+    "scheduler": "generation",
 }
 # Inside [cloud] the endpoint is spelled `endpoint` (the field is `cloud`).
 _CLOUD_ENDPOINT_KEY = "endpoint"

@@ -16,6 +16,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,13 +37,14 @@ from routet2i.ort import (
 )
 from routet2i.progress import ProgressEvent
 from routet2i.schedulers import Scheduler, load_scheduler_config, scheduler_from_config
-from routet2i.seed import check_seed
+from routet2i.seed import SEED_MAX, check_seed
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EdgePipeline", "SizeRule", "MAX_STEPS", "load_clip_tokenizer"]
 
 MAX_STEPS = 1000  # num_inference_steps upper bound (the schedules are 1000 training steps long)
+MAX_IMAGES = 64  # num_images_per_prompt upper bound (one after the other: time, not memory)
 REQUIRED_FILES = (
     "model_index.json",
     "text_encoder/model.onnx",
@@ -156,6 +158,24 @@ def load_clip_tokenizer(folder: str | Path) -> tuple[Any, dict[str, Any]]:
     return tok, {"max_length": max_length, "bos_id": ids["bos"], "eos_id": ids["eos"], "pad_id": ids["pad"]}
 
 
+# ------------------------------------------------------------------------------------------------- model
+
+
+def _model_name(manifest: dict[str, Any], model_index: dict[str, Any], root: Path) -> str:
+    """The edge model's name: what ``routet2i export edge`` exported (the manifest's ``edge.source``: a hub
+    id such as ``stabilityai/stable-diffusion-2-1-base`` as given, a local folder by its name), else
+    ``model_index.json``'s ``_name_or_path``, else the bundle folder's name."""
+    edge = manifest.get("edge") if isinstance(manifest.get("edge"), dict) else {}
+    for source in (edge.get("source"), model_index.get("_name_or_path")):
+        if isinstance(source, str) and source.strip():
+            source = source.strip().rstrip("/\\")
+            if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source):  # not a hub id: a local path
+                source = re.split(r"[/\\]", source)[-1]
+            if source:
+                return source
+    return root.resolve().name
+
+
 # ------------------------------------------------------------------------------------------------- sizes
 
 
@@ -254,6 +274,7 @@ class EdgePipeline:
             if not (root / rel).is_file():
                 raise BundleFileMissing(f"{root / rel}: required by an edge bundle but missing")
         self.model_index = read_json_object(root / "model_index.json")
+        self.model_name = _model_name(self.manifest, self.model_index, root)
         self.scheduler_config = load_scheduler_config(root / "scheduler" / "scheduler_config.json")
         self.scheduler_spec = scheduler
         self.scheduler = self._make_scheduler(scheduler)  # validates the name now, not at first call
@@ -486,6 +507,7 @@ class EdgePipeline:
         output_type: str = "pil",
         progress_bar: bool = False,
         progress: Callable[[ProgressEvent], None] | None = None,
+        num_images_per_prompt: int | None = None,
     ) -> Any:
         """Generate one image. Returns a ``PIL.Image.Image`` (``output_type="np"``: float32 HxWx3 in [0, 1]).
 
@@ -494,6 +516,11 @@ class EdgePipeline:
         ``callback(step, total_steps, timestep, latents)`` runs after every denoising step (step from 1);
         ``progress`` gets a `routet2i.ProgressEvent` then (the same callback `EdgeClient.generate` takes).
         An exception raised by either stops the run there (how `EdgeClient` cancels).
+        ``num_images_per_prompt``: None (default) returns one image as above; an integer n in [1, 64]
+        returns a list of n images. Image i is drawn from seed ``seed + i`` (mod 2**64), so each one can be
+        made again alone with that seed (``seed=None``: each from fresh OS entropy). The images are
+        denoised one after the other (the prompt encoded once): the memory of one, n times the time; the
+        callbacks count steps over all of them (step 1 .. n * num_inference_steps). Not with ``latents``.
         Raises ValueError naming the argument for bad input.
         """
         width = self.default_size if width is None else width
@@ -511,24 +538,65 @@ class EdgePipeline:
         )
         if output_type not in ("pil", "np"):
             raise UsageError(f"output_type={output_type!r}: allowed: pil, np")
+        n = 1 if num_images_per_prompt is None else num_images_per_prompt
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_IMAGES:
+            raise UsageError(
+                f"num_images_per_prompt={num_images_per_prompt!r}: must be an integer in [1, {MAX_IMAGES}] "
+                "(or None: one image, not in a list)"
+            )
+        if latents is not None and n > 1:
+            raise UsageError(
+                "latents with num_images_per_prompt > 1: give one image's latents per call, or seed="
+            )
         do_cfg = guidance_scale > 1.0
         embeds = self.encode_prompt(prompt, negative_prompt, do_cfg)
-
-        scheduler = self._fresh_scheduler()
-        scheduler.set_timesteps(int(num_inference_steps))
-        timesteps = scheduler.timesteps
         shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-        latents = (latents.astype(np.float32) * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
-
-        steps: Any = timesteps
+        total = int(n) * int(num_inference_steps)
+        bar = None
         if progress_bar:
             from tqdm.auto import tqdm
 
-            steps = tqdm(timesteps, desc="denoising", unit="step")
-        total = len(timesteps)
-        for i, t in enumerate(steps):
+            bar = tqdm(total=total, desc="denoising", unit="step")
+        images = []
+        try:
+            for k in range(int(n)):
+                seed_k = None if seed is None else (int(seed) + k) % (SEED_MAX + 1)
+                init = latents
+                if init is None:
+                    init = np.random.default_rng(seed_k).standard_normal(shape, dtype=np.float32)
+                out = self._denoise(
+                    embeds, init, int(num_inference_steps), guidance_scale, do_cfg,
+                    k * int(num_inference_steps), total, callback, progress, bar,
+                )  # fmt: skip
+                image = self.decode(out)[0]
+                if output_type == "pil":
+                    from PIL import Image
+
+                    image = Image.fromarray((image * 255).round().astype(np.uint8))
+                images.append(image)
+        finally:
+            if bar is not None:
+                bar.close()
+        return images[0] if num_images_per_prompt is None else images
+
+    def _denoise(
+        self,
+        embeds: np.ndarray,
+        latents: np.ndarray,
+        num_inference_steps: int,
+        guidance_scale: float,
+        do_cfg: bool,
+        offset: int,
+        total: int,
+        callback: ProgressCallback | None,
+        progress: Callable[[ProgressEvent], None] | None,
+        bar: Any,
+    ) -> np.ndarray:
+        """The denoising loop of one image, from its initial noise to its final latents."""
+        scheduler = self._fresh_scheduler()
+        scheduler.set_timesteps(num_inference_steps)
+        latents = (latents.astype(np.float32) * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
+        for i, t in enumerate(scheduler.timesteps):
             model_in = np.concatenate([latents, latents], axis=0) if do_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
             t_in = np.asarray(t) if self._timestep_rank == 0 else np.asarray([t])
@@ -541,16 +609,12 @@ class EdgePipeline:
                 noise_pred = uncond + np.float32(guidance_scale) * (text - uncond)
             latents = scheduler.step(noise_pred, t, latents)
             if callback is not None:
-                callback(i + 1, total, t, latents)
+                callback(offset + i + 1, total, t, latents)
             if progress is not None:
-                progress(ProgressEvent("edge", i + 1, total))
-
-        image = self.decode(latents)
-        if output_type == "np":
-            return image[0]
-        from PIL import Image
-
-        return Image.fromarray((image[0] * 255).round().astype(np.uint8))
+                progress(ProgressEvent("edge", offset + i + 1, total))
+            if bar is not None:
+                bar.update(1)
+        return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents -> float32 images [B, H, W, 3] in [0, 1] (diffusers' VAE post-processing)."""

@@ -25,7 +25,7 @@ def _clean_env(monkeypatch, tmp_path):
         (["a fox", "--width", "64"], "--width and --height"),
         (["a fox", "--config", "/nonexistent/routet2i.toml"], "does not exist"),
         (["a fox", "--demo", "--config", "x.toml"], "--demo"),
-        (["a fox", "-o", "out.jpg", "--config", "x.toml"], ".png"),
+        (["a fox", "-o", "out.gif", "--config", "x.toml"], "allowed: .png, .jpg, .jpeg, .webp"),
         (["a fox", "--force", "gpu"], "invalid choice"),
         (["a fox", "--steps", "many"], "invalid int"),
     ],
