@@ -1,8 +1,8 @@
 """Output paths: checks made before any work starts, the per-user cache folder, and atomic file writes.
 
 A command that would fail only when it writes its result (after minutes of generation or export) with an
-``OSError`` traceback instead says at once, in one line, what is wrong with the path (CONTRACTS.md section 2:
-bad arguments are a one-line error, exit code 2).
+``OSError`` traceback instead says at once, in one line, what is wrong with the path (the rule of every
+routet2i command: bad arguments are a one-line error, exit code 2).
 
 Every file routet2i writes whole (images, reports, tables, labels, the device state, caches) goes through
 `atomic_path` / `atomic_write`: written to a temporary file in the same folder, flushed to disk, then

@@ -1,4 +1,5 @@
-"""Pareto Relative Superiority (PRS): the RouteT2I soft labels, in plain numpy (ROUTET2I.md section 2).
+"""Pareto Relative Superiority (PRS): the RouteT2I soft labels, in plain numpy (the labels of
+the RouteT2I paper; README, section Router: train and evaluate).
 
 For per-prompt metric vectors of the edge image ``q_e`` and the cloud image ``q_c`` and the dataset means
 ``mu_i(e)``, ``mu_i(c)`` of each metric for each model:

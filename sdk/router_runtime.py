@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["RouterSession", "REQUIRED_ROUTING_KEYS", "router_providers"]
 
 REQUIRED_FILES = ("router.onnx", "routing.json", "tokenizer/tokenizer.json")
-# routing.json keys the device relies on (CONTRACTS.md section 3; the export writes more).
+# routing.json keys the device relies on (`routet2i export router` writes more: model names, alpha, the
+# routing version; README, section Export).
 REQUIRED_ROUTING_KEYS = ("metrics", "max_length", "calibration")
 
 
