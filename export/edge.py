@@ -132,6 +132,9 @@ def _pipeline_configs(pipeline: str) -> tuple[dict[str, Any], dict[str, Any], di
         )
     if folder.exists() or pipeline.startswith((".", "/")) or pipeline.count("/") != 1:
         raise UsageError(f"--pipeline {pipeline}: not a folder and not a Hugging Face id (owner/name)")
+    from routet2i.training.hub import check_hub_id
+
+    check_hub_id(pipeline, "--pipeline")  # an unreachable hub: one line that suggests a local folder
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     try:

@@ -262,6 +262,9 @@ def _check_ids(
 
 
 def _load_pipeline(path: str, device: str, dtype: Any, arg: str):
+    from routet2i.training.hub import check_hub_id
+
+    check_hub_id(path, arg)  # an unreachable hub: one line that suggests a local folder
     from diffusers import DiffusionPipeline
 
     try:

@@ -260,6 +260,9 @@ def load_backbone(name_or_dir: str) -> tuple[nn.Module, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_backbone(name_or_dir)
+    from routet2i.training.hub import check_hub_id
+
+    check_hub_id(path, "--backbone")  # unreachable hub id: one line now, not retries and warnings
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         encoder = AutoModel.from_pretrained(path).eval()
