@@ -64,7 +64,7 @@ class RouteDecision:
 
     route: str  # where it would be generated: "edge" | "cloud"
     reason: str  # why: router | forced | quota_exhausted | cloud_unavailable | local_only (as GenerateResult)
-    model: str  # the model that would generate: the edge bundle's folder name or the cloud model's name
+    model: str  # the model that would generate: the edge model's name (from the bundle) or the cloud model's
     prs: float | None  # PRS^ predicted by the router (None without a router)
     alpha: float | None  # threshold in force: the router wants the cloud iff PRS^ < alpha
     target_rate: float | None  # configured cloud rate rho_r
@@ -101,7 +101,7 @@ class GenerateResult:
     request_id: str  # idempotency key (also in the decision log and the server's logs)
     width: int  # image width in pixels
     height: int  # image height in pixels
-    model: str  # what generated it: the edge bundle's folder name or the server's model name
+    model: str  # what generated it: the edge model's name (EdgePipeline.model_name) or the server's model
     target_rate: float | None = None  # configured cloud rate rho_r
     paced_rate: float | None = None  # rate actually targeted after quota-aware pacing
     cloud_attempts: int = 0  # gRPC attempts made for this request
