@@ -280,6 +280,8 @@ _SECTIONS: dict[str, str | None] = {
     "negative_prompt": "generation",
     "scheduler": "generation",
 }
+# Keys also accepted at the top level of the file (as well as in their section).
+_ALSO_TOP_LEVEL = frozenset({"scheduler"})
 # Inside [cloud] the endpoint is spelled `endpoint` (the field is `cloud`).
 _CLOUD_ENDPOINT_KEY = "endpoint"
 # Fields holding paths: relative values in a TOML file are relative to the file's folder.
@@ -330,8 +332,15 @@ def _flatten(doc: dict[str, Any], path: Path) -> dict[str, Any]:
                 raise UsageError(
                     f"{path}: token: the token is never read from a file; export {DEFAULT_TOKEN_ENV}=... instead"
                 )
+            if key in _ALSO_TOP_LEVEL:
+                if key in doc.get(str(_SECTIONS[key]), {}):
+                    raise UsageError(
+                        f"{path}: {key} given twice (top level and [{_SECTIONS[key]}]); give it once"
+                    )
+                out[key] = value
+                continue
             if key not in _SECTIONS or _SECTIONS[key] is not None:
-                top = sorted(f for f, s in _SECTIONS.items() if s is None)
+                top = sorted({f for f, s in _SECTIONS.items() if s is None} | _ALSO_TOP_LEVEL)
                 raise UsageError(
                     f"{path}: unknown top-level key {key!r}; allowed: {', '.join(top)} "
                     f"and the sections {', '.join(sorted(sections))}"

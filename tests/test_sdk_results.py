@@ -221,9 +221,14 @@ def test_bad_scheduler_lists_the_allowed_ones(tmp_path):
     with pytest.raises(UsageError, match=r"scheduler='lms'.*allowed: dpm\+\+, ddim, euler, pndm"):
         ClientConfig(scheduler="lms")
     cfg = tmp_path / "routet2i.toml"
-    cfg.write_text('scheduler = "ddim"\n')  # a [generation] key, not a top-level one
-    with pytest.raises(UsageError, match="unknown top-level key 'scheduler'"):
+    cfg.write_text('scheduler = "ddim"\n')  # also accepted at the top level
+    assert load_config(cfg, environ={}).scheduler == "ddim"
+    cfg.write_text('scheduler = "ddim"\n[generation]\nscheduler = "euler"\n')
+    with pytest.raises(UsageError, match="scheduler given twice"):
         load_config(cfg, environ={})
+    assert load_config(None, environ={"ROUTET2I_SCHEDULER": "euler"}).scheduler == "euler"
+    with pytest.raises(UsageError, match="allowed: dpm"):
+        load_config(None, environ={"ROUTET2I_SCHEDULER": "k-lms"})
 
 
 def test_edge_generate_scheduler_flag_is_checked(tmp_path, capsys):
