@@ -3,11 +3,16 @@
 Bundle (CONTRACTS.md section 3)::
 
     router.onnx      inputs input_ids, attention_mask (int64 [batch, sequence], both dynamic);
-                     outputs prs [batch], metric_scores [batch, k]
+                     outputs prs [batch], metric_scores [batch, k]; an N-model router (trained with
+                     several --cloud-model) also model_scores [batch, n_models]: each model's predicted
+                     combined quality, columns in routing.json `models` order
     tokenizer/       the backbone's tokenizer files, tokenizer.json (fast) included: the device reads it
                      with the `tokenizers` library, no transformers
     routing.json     format_version, method, metrics, weights, gamma, edge/cloud model, dataset, calibration
-                     [{rate, alpha}], target_rate, alpha (the default threshold), max_length, router_version
+                     [{rate, alpha}], target_rate, alpha (the default threshold), max_length, router_version,
+                     models [{name, where: edge|cloud, cost}] (edge first, cost 0; --costs); N-model routers
+                     also budget_table [{budget, lambda}] (budget ascending) and default_budget: the policy
+                     picks argmax over allowed models of model_scores - lambda * cost
     manifest.json    sha256 of every file, versions, which exporter was kept and the validation numbers
 
 Exporter choice. Both torch exporters are tried: TorchScript (``torch.onnx.export(dynamo=False)``, tracing)
@@ -33,7 +38,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,7 @@ from routet2i._errors import UsageError
 from routet2i.alpha_table import alpha_at_rate, table_rows
 from routet2i.bundle import publish_folder
 from routet2i.export._log import cli_progress
-from routet2i.export.specs import ROUTER, ExportValidationError, OutputMismatch, compare_outputs
+from routet2i.export.specs import ROUTER, ExportValidationError, OutputMismatch, TensorSpec, compare_outputs
 from routet2i.paths import check_output_path
 
 logger = logging.getLogger(__name__)
@@ -87,6 +92,8 @@ class RouterExportConfig:
     atol: float = ROUTER.atol  # max abs diff torch vs ORT on prs and metric_scores
     timing_runs: int = 20  # ORT runs per candidate for the latency comparison (median)
     sign_key: Path | None = None  # Ed25519 private key (PEM): sign manifest.json into manifest.sig
+    costs: dict[str, int] | None = None  # cloud model -> quota units per image (None: 1 each; edge 0)
+    budget: float | None = None  # N-model bundles: default average units per prompt (None: 1.0 or midpoint)
 
 
 @dataclass
@@ -114,6 +121,82 @@ def pick_alpha(calibration: list[dict[str, float]], rate: float) -> float:
             f"--target-rate {rate}: below the router's calibration table [{rates[0]:g}, {rates[-1]:g}]"
         )
     return alpha_at_rate(rates, alphas, rate)[0]
+
+
+NMODEL_ROUTER = replace(
+    ROUTER, outputs=(*ROUTER.outputs, TensorSpec("model_scores", "float32", ("batch", None)))
+)
+LAMBDA_STEPS = 2000  # points of the lambda grid of the budget table (0 .. the lambda where the edge wins)
+
+
+def parse_costs(text: str | None) -> dict[str, int] | None:
+    """--costs C1=UNITS,C2=UNITS -> {name: units}; UsageError (one line) on a malformed item."""
+    if text is None:
+        return None
+    costs: dict[str, int] = {}
+    for item in [t.strip() for t in text.split(",") if t.strip()]:
+        name, sep, units = item.rpartition("=")
+        name = name.strip()
+        try:
+            value = int(units.strip())
+        except ValueError:
+            value = 0
+        if not sep or not name or value < 1 or str(value) != units.strip():
+            raise UsageError(
+                f"--costs item {item!r}: expected CLOUD_MODEL=UNITS with UNITS a positive integer"
+            )
+        if name in costs:
+            raise UsageError(f"--costs names {name!r} twice")
+        costs[name] = value
+    if not costs:
+        raise UsageError("--costs is empty; expected CLOUD_MODEL=UNITS[,CLOUD_MODEL=UNITS...]")
+    return costs
+
+
+def model_costs(models: list[str], costs: dict[str, int] | None) -> list[int]:
+    """Cost of each model (edge first: 0); ``costs`` must name every cloud model and no other (default 1)."""
+    clouds = models[1:]
+    if costs is None:
+        return [0] + [1] * len(clouds)
+    unknown = [m for m in costs if m not in clouds]
+    if unknown:
+        raise UsageError(
+            f"--costs names {', '.join(repr(m) for m in unknown)}, not a cloud model of this router; "
+            f"cloud models: {', '.join(clouds)}"
+        )
+    missing = [m for m in clouds if m not in costs]
+    if missing:
+        raise UsageError(
+            f"--costs lacks {', '.join(repr(m) for m in missing)}: give every cloud model a cost "
+            f"({', '.join(clouds)})"
+        )
+    return [0] + [int(costs[m]) for m in clouds]
+
+
+def choose(scores, costs, lam: float, allowed=None):
+    """Index [n] of argmax over the allowed models of scores - lam * cost (first wins ties: edge first)."""
+    import numpy as np
+
+    util = np.asarray(scores, dtype=np.float64) - lam * np.asarray(costs, dtype=np.float64)
+    if allowed is not None:
+        util = np.where(np.asarray(allowed, dtype=bool), util, -np.inf)
+    return util.argmax(axis=1)
+
+
+def budget_table(scores, costs, steps: int = LAMBDA_STEPS) -> list[dict[str, float]]:
+    """[{budget, lambda}] sorted by budget: lambdas on a grid from 0 up to where the edge always wins;
+    budget = mean cost of the argmax at that lambda over ``scores`` [n, M]; per budget the smallest lambda."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float64)
+    c = np.asarray(costs, dtype=np.float64)
+    gain = (s[:, 1:] - s[:, :1]) / c[1:]
+    top = max(float(gain.max()), 0.0) * 1.0001 + 1e-9
+    rows: dict[float, float] = {}
+    for lam in np.linspace(0.0, top, steps + 1):
+        b = round(float(c[choose(s, c, float(lam))].mean()), 6)
+        rows.setdefault(b, round(float(lam), 8))
+    return [{"budget": b, "lambda": rows[b]} for b in sorted(rows)]
 
 
 def _check_inputs(config: RouterExportConfig) -> None:
@@ -154,7 +237,7 @@ def _batches(tokenizer, max_length: int) -> list[tuple[str, dict[str, Any]]]:
     return cases
 
 
-def _export_one(model, exporter: str, path: Path, opset: int, example: dict[str, Any]) -> None:
+def _export_one(model, exporter: str, path: Path, opset: int, example: dict[str, Any], spec=ROUTER) -> None:
     import torch
 
     args = tuple(torch.from_numpy(example[k]) for k in ROUTER.input_names)
@@ -163,9 +246,9 @@ def _export_one(model, exporter: str, path: Path, opset: int, example: dict[str,
             model,
             args,
             str(path),
-            input_names=ROUTER.input_names,
-            output_names=ROUTER.output_names,
-            dynamic_axes=ROUTER.dynamic_axes,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes,
             opset_version=opset,
             dynamo=False,
         )
@@ -174,8 +257,8 @@ def _export_one(model, exporter: str, path: Path, opset: int, example: dict[str,
         program = torch.onnx.export(
             model,
             args,
-            input_names=ROUTER.input_names,
-            output_names=ROUTER.output_names,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
             dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
             opset_version=opset,
             dynamo=True,
@@ -194,24 +277,24 @@ def _session(path: Path):
 
 
 def _validate(
-    model, path: Path, cases, atol: float
+    model, path: Path, cases, atol: float, spec=ROUTER
 ) -> tuple[list[OutputMismatch], list[str], dict[str, float]]:
     import torch
 
-    problems = ROUTER.check_graph(path)
+    problems = spec.check_graph(path)
     session = _session(path)
     failures: list[OutputMismatch] = []
     diffs: dict[str, float] = {}
     for case, feeds in cases:
         with torch.no_grad():
-            prs, scores = model(*(torch.from_numpy(feeds[k]) for k in ROUTER.input_names))
-        ref = {"prs": prs.numpy(), "metric_scores": scores.numpy()}
+            outputs = model(*(torch.from_numpy(feeds[k]) for k in ROUTER.input_names))
+        ref = {n: o.numpy() for n, o in zip(spec.output_names, outputs, strict=True)}
         try:
-            got = dict(zip(ROUTER.output_names, session.run(ROUTER.output_names, feeds), strict=True))
+            got = dict(zip(spec.output_names, session.run(spec.output_names, feeds), strict=True))
         except Exception as exc:  # e.g. an axis the exporter made static: a failure of this case
             detail = f"ORT run failed: {str(exc).splitlines()[0][:200]}"
             failures += [
-                OutputMismatch("router", n, case, float("inf"), atol, detail) for n in ROUTER.output_names
+                OutputMismatch("router", n, case, float("inf"), atol, detail) for n in spec.output_names
             ]
             continue
         failures += compare_outputs("router", case, ref, got, atol, 0.0, diffs)
@@ -293,6 +376,26 @@ def export_router(config: RouterExportConfig) -> RouterExportResult:
     else:
         target_rate = config.target_rate
     alpha = pick_alpha(calibration, target_rate)
+    models = list(ckpt.get("models") or [ckpt.get("edge_model", ""), ckpt.get("cloud_model", "")])
+    nmodel = len(models) > 2
+    costs = model_costs(models, config.costs)
+    spec = NMODEL_ROUTER if nmodel else ROUTER
+    table: list[dict[str, float]] = []
+    if nmodel:
+        if "oof_model_scores" not in ckpt:
+            raise UsageError(f"--router {router_dir}: router.pt lacks oof_model_scores (retrain it)")
+        table = budget_table(ckpt["oof_model_scores"], costs)
+        lo, hi = table[0]["budget"], table[-1]["budget"]
+        if config.budget is None:
+            budget = 1.0 if lo <= 1.0 <= hi else round((lo + hi) / 2, 6)
+        elif not lo <= config.budget <= hi:
+            raise UsageError(f"--budget {config.budget}: outside the router's budget table [{lo:g}, {hi:g}]")
+        else:
+            budget = float(config.budget)
+    elif config.budget is not None:
+        raise UsageError(
+            "--budget is for N-model routers (trained with several --cloud-model); use --target-rate"
+        )
     max_length = int(ckpt.get("max_length") or ckpt["config"].get("max_length", 128))
     n_params = sum(p.numel() for p in model.parameters())
     _say("1/5 load", f"method {ckpt['method']}, {len(ckpt['metrics'])} metrics, {n_params / 1e6:.1f}M params")
@@ -320,7 +423,7 @@ def export_router(config: RouterExportConfig) -> RouterExportResult:
             entry: dict[str, Any] = {"validated": False}
             candidates[name] = entry
             try:
-                _export_one(model, name, path, config.opset, cases[2][1])  # batch 2: no size-1 axis
+                _export_one(model, name, path, config.opset, cases[2][1], spec)  # batch 2: no size-1 axis
             except Exception as exc:  # an exporter that cannot handle the model is a candidate that lost
                 entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 all_problems.append(f"{name} exporter failed: {entry['error']}")
@@ -328,7 +431,7 @@ def export_router(config: RouterExportConfig) -> RouterExportResult:
                 continue
             entry["export_seconds"] = round(time.perf_counter() - t0, 2)
             entry["bytes"] = path.stat().st_size
-            failures, probs, diffs = _validate(model, path, cases, config.atol)
+            failures, probs, diffs = _validate(model, path, cases, config.atol, spec)
             entry["max_abs_diff"] = diffs
             entry["validated"] = not failures and not probs
             all_failures += [
@@ -395,7 +498,14 @@ def export_router(config: RouterExportConfig) -> RouterExportResult:
             "alpha": float(alpha),
             "max_length": max_length,
             "router_version": f"{ckpt['method']}-{digest}",
+            "models": [
+                {"name": m, "where": "edge" if i == 0 else "cloud", "cost": int(c)}
+                for i, (m, c) in enumerate(zip(models, costs, strict=True))
+            ],
         }
+        if nmodel:
+            routing["budget_table"] = table
+            routing["default_budget"] = float(budget)
         (tmp / "routing.json").write_text(json.dumps(routing, indent=2) + "\n")
         _say("5/5 manifest", "routing.json + sha256 of every file")
         from routet2i.bundle import write_manifest
@@ -447,6 +557,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"cloud rate whose calibrated alpha is the default (default {DEFAULT_TARGET_RATE})",
     )
+    parser.add_argument(
+        "--costs",
+        default=None,
+        help="quota units per image of every cloud model: C1=UNITS,C2=UNITS (positive integers; default 1 each)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="N-model routers: default average units per prompt (default 1.0 if in the budget table, else its midpoint)",
+    )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     parser.add_argument(
         "--exporter",
@@ -467,6 +588,8 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         exporter=args.exporter,
         sign_key=args.sign_key,
+        costs=parse_costs(args.costs),
+        budget=args.budget,
     )
     try:
         with cli_progress():

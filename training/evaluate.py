@@ -359,7 +359,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", required=True, help="quality table (CSV or Parquet)")
     parser.add_argument("--dataset", required=True, help="dataset name in the table")
     parser.add_argument("--edge-model", required=True, help="edge model name in the table")
-    parser.add_argument("--cloud-model", required=True, help="cloud model name in the table")
+    parser.add_argument(
+        "--cloud-model",
+        required=True,
+        action="append",
+        help="cloud model name in the table; repeat it for N-model quality-vs-cost curves (multitask)",
+    )
+    parser.add_argument(
+        "--costs",
+        default=None,
+        help="several --cloud-model: units per image, C1=UNITS,C2=UNITS (positive integers; default 1 each)",
+    )
+    parser.add_argument(
+        "--budgets", default="1.0", help="several --cloud-model: budgets (units per prompt) to summarize"
+    )
     parser.add_argument("--json", required=True, help="report JSON to write")
     parser.add_argument("--rates", default="0.3,0.5,0.7", help="cloud rates in (0, 1) for Delta P")
     parser.add_argument("--targets", default="40,50,60", help="Delta P targets (%%) for cloud saving")
@@ -483,9 +496,25 @@ def write_json(report: dict[str, Any], path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from routet2i.training.train import TrainConfig, check_settings, check_value, load_pair
+    from routet2i.training.train import (
+        TrainConfig,
+        check_settings,
+        check_value,
+        load_pair,
+        split_cloud_models,
+    )
 
+    args.method = "multitask"
+    split_cloud_models(args)
     check_eval_args(args)
+    if len(args.cloud_models) > 1:
+        return _run_nmodel(args)
+    if args.costs is not None:
+        from routet2i._errors import UsageError
+
+        raise UsageError(
+            "--costs needs several --cloud-model (N-model curves); one cloud model: Delta P curves"
+        )
     cfg, overrides = _parse_sets(args.set, TrainConfig())
     check_value("max_length", args.max_length, "--max-length")
     check_settings(cfg, overrides, args.max_length, via="set")
@@ -518,4 +547,68 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'method':30s} " + " ".join(f"dP@{r:>5s}" for r in rates))
     for m, e in report["methods"].items():
         print(f"{m:30s} " + " ".join(f"{e['delta_p'][r]:6.1f}±{e['delta_p_std'][r]:4.1f}" for r in rates))
+    return 0
+
+
+def _run_nmodel(args: argparse.Namespace) -> int:
+    """Several --cloud-model: the N-model quality-vs-cost report (``nmodel_eval.py``)."""
+    from routet2i._errors import UsageError
+    from routet2i.export.router import model_costs, parse_costs
+    from routet2i.prs import normalize_weights
+    from routet2i.training.nmodel_eval import evaluate_nmodel, plot_nmodel
+    from routet2i.training.tables import nmodel_data, read_table
+    from routet2i.training.train import TrainConfig, check_settings, nmodel_features_config, parse_list
+    from threadpoolctl import threadpool_limits
+
+    cfg, overrides = _parse_sets(args.set, TrainConfig())
+    check_settings(cfg, overrides, args.max_length, via="set")
+    if args.methods and [m.strip() for m in args.methods.split(",") if m.strip()] != ["multitask"]:
+        raise UsageError("--methods: several --cloud-model are evaluated with the N-model router: multitask")
+    budgets = _parse_floats(args.budgets, "--budgets")
+    if any(b < 0 for b in budgets):
+        raise UsageError(f"--budgets {args.budgets!r}: budgets are average units per prompt, >= 0")
+    data = nmodel_data(
+        read_table(args.table),
+        args.dataset,
+        args.edge_model,
+        args.cloud_models,
+        parse_list(args.metrics, "--metrics"),
+    )
+    costs = model_costs(data.models, parse_costs(args.costs))
+    check_eval_args(args, n_texts=len(set(data.pair.prompts)))
+    weights = normalize_weights(parse_list(args.weights, "--weights", float), len(data.pair.metrics))
+    args.epochs = overrides.get("epochs")
+    x, mcfg = nmodel_features_config(data, weights, args, cfg)
+    known = {f.name for f in fields(mcfg)}
+    mcfg = replace(mcfg, **{k: v for k, v in overrides.items() if k in known})
+    with torch_threads(args.threads), threadpool_limits(args.threads):
+        nm = evaluate_nmodel(
+            data,
+            x,
+            mcfg,
+            costs,
+            folds=args.folds,
+            seeds=args.seeds,
+            first_seed=args.first_seed,
+            budgets=budgets,
+        )
+    report = {
+        "dataset": data.pair.dataset,
+        "edge_model": data.pair.edge_model,
+        "cloud_models": list(data.models[1:]),
+        "n_prompts": nm["n_prompts"],
+        "metrics": list(data.pair.metrics),
+        "nmodel": nm,
+    }
+    write_json(report, args.json)
+    if args.plot:
+        plot_nmodel(report, args.plot)
+    print(f"{data.pair.dataset}: {', '.join(f'{m} ({c})' for m, c in zip(data.models, costs, strict=True))}")
+    for b, row in nm["at_budget"].items():
+        parts = [f"{k} {v['quality']:.3f} @ {v['cost']:.3f}" for k, v in row.items() if isinstance(v, dict)]
+        print(f"budget {b}: " + "; ".join(parts))
+        if "gain_over_best_single" in row:
+            print(
+                f"  gain over the best single cloud model ({row['best_single']}): {row['gain_over_best_single']:+.3f}"
+            )
     return 0

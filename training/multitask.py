@@ -116,6 +116,10 @@ class MultiTaskConfig:
     weight_decay: float = 1e-2  # MLP AdamW weight decay
     dropout: float = 0.5  # MLP hidden dropout (0.1 on the input)
     auxiliary: bool = True  # MLP targets include every model's scores (False: the pair's k gaps only)
+    # N-model router (empty: a pair router): the routed models (edge first, then the cloud models) and
+    # each one's index among the MLP's auxiliary models; model_scores = their predicted combined quality.
+    models: list[str] = field(default_factory=list)
+    model_columns: list[int] = field(default_factory=list)
 
     @property
     def score_names(self) -> list[str]:
@@ -156,6 +160,14 @@ class MultiTaskRouter(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(m, 1, h))
         self.w2 = nn.Parameter(torch.zeros(m, h, t))
         self.b2 = nn.Parameter(torch.zeros(m, 1, t))
+        n_models = len(config.models)
+        if n_models:  # N-model heads: combined quality of each routed model (ridge, kernel ridge, MLP)
+            self.register_buffer("nm_sd", torch.ones(k))  # pooled sd of each metric (quality units)
+            self.register_buffer("nm_ridge_w", torch.zeros(d, n_models))
+            self.register_buffer("nm_ridge_b", torch.zeros(n_models))
+            self.register_buffer("nm_krr_coef", torch.zeros(n, n_models))
+            self.register_buffer("nm_krr_gamma", torch.ones(()))
+            self.register_buffer("nm_krr_b", torch.zeros(n_models))
 
     def pooled(self, hidden_states, attention_mask: torch.Tensor) -> torch.Tensor:
         m = attention_mask.to(torch.float32)[..., None]
@@ -186,11 +198,33 @@ class MultiTaskRouter(nn.Module):
                 parts.append((metric_gaps / self.metric_sd) @ self.weights)
         return torch.stack(parts, dim=0).mean(dim=0), metric_gaps
 
-    def forward_layers(
-        self, hidden_states, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        gap, metric_gaps = self.gaps(self.pooled(hidden_states, attention_mask))
-        return torch.sigmoid(-gap / self.gap_scale), torch.sigmoid(-metric_gaps / self.metric_sd)
+    def model_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n_models] predicted combined quality of each routed model (mean of the components)."""
+        z = (x - self.x_mean) / self.x_std
+        k = self.metric_sd.shape[0]
+        parts = []
+        for name in self.config.components:
+            if name == "ridge":
+                parts.append(z @ self.nm_ridge_w + self.nm_ridge_b)
+            elif name == "krr":
+                d2 = (z * z).sum(-1, keepdim=True) - 2 * z @ self.krr_x.T + (self.krr_x * self.krr_x).sum(-1)
+                parts.append(
+                    torch.exp(-self.nm_krr_gamma * d2.clamp_min(0.0)) @ self.nm_krr_coef + self.nm_krr_b
+                )
+            elif name == "mlp":
+                mt = self.mlp_outputs(z)
+                cols = [c * k + j for c in self.config.model_columns for j in range(k)]
+                per = mt[:, cols].reshape(-1, len(self.config.model_columns), k)
+                parts.append((per / self.nm_sd).mean(dim=-1))
+        return torch.stack(parts, dim=0).mean(dim=0)
+
+    def forward_layers(self, hidden_states, attention_mask: torch.Tensor):
+        x = self.pooled(hidden_states, attention_mask)
+        gap, metric_gaps = self.gaps(x)
+        out = (torch.sigmoid(-gap / self.gap_scale), torch.sigmoid(-metric_gaps / self.metric_sd))
+        if self.config.models:
+            return (*out, self.model_scores(x))
+        return out
 
     def forward_states(self, states: torch.Tensor, attention_mask: torch.Tensor):
         """Last layer only (not how it is trained): kept so generic helpers can call it."""
@@ -241,6 +275,23 @@ def _fit_krr(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float]:
     return best.dual_coef_.astype(np.float32).reshape(-1), float(best.gamma), b
 
 
+def _fit_krr_multi(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """Multi-output RBF kernel ridge: (dual coefficients [n, M], gamma, intercepts [M]); 3-fold CV."""
+    from sklearn.kernel_ridge import KernelRidge
+    from sklearn.model_selection import GridSearchCV
+
+    d = z.shape[1]
+    b = y.mean(axis=0)
+    grid = GridSearchCV(
+        KernelRidge(kernel="rbf"),
+        {"alpha": [0.3, 1.0, 3.0], "gamma": [0.25 / d, 0.5 / d, 1.0 / d]},
+        cv=min(3, len(y)),
+        scoring="neg_mean_squared_error",
+    ).fit(z, y - b)
+    best = grid.best_estimator_
+    return best.dual_coef_.astype(np.float32).reshape(len(y), -1), float(best.gamma), b.astype(np.float32)
+
+
 def _fit_mlps(z: np.ndarray, y: np.ndarray, cfg, seed: int) -> dict[str, torch.Tensor]:
     """n_mlp MLPs (seeds seed..seed+n_mlp-1) on standardized targets; stacked weights."""
     yt = torch.tensor(y, dtype=torch.float32)
@@ -273,8 +324,12 @@ def _fit_mlps(z: np.ndarray, y: np.ndarray, cfg, seed: int) -> dict[str, torch.T
     return {k: torch.stack(v) for k, v in stacks.items()}
 
 
-def fit_multitask(x: np.ndarray, pair, idx: np.ndarray, cfg: MultiTaskConfig, seed: int) -> MultiTaskRouter:
-    """The router fitted on the prompts ``idx`` (x: their layer-mean pooled features, all prompts' rows)."""
+def fit_multitask(
+    x: np.ndarray, pair, idx: np.ndarray, cfg: MultiTaskConfig, seed: int, nmodel=None
+) -> MultiTaskRouter:
+    """The router fitted on the prompts ``idx`` (x: their layer-mean pooled features, all prompts' rows).
+
+    ``nmodel`` (``tables.NModelData``, with ``cfg.models`` set): also fit the N-model heads."""
     sd, w = pair_sd_weights(pair, cfg.weights)
     xs = x[idx].astype(np.float64)
     mu, xsd = xs.mean(0), xs.std(0) + 1e-6
@@ -306,10 +361,33 @@ def fit_multitask(x: np.ndarray, pair, idx: np.ndarray, cfg: MultiTaskConfig, se
             krr_b=torch.tensor(b),
         )
     state.update(_fit_mlps(z, y_z, cfg, seed))
+    if cfg.models:
+        if nmodel is None or not cfg.auxiliary or pair.q_all is None:
+            raise ValueError("an N-model router needs nmodel data and the auxiliary targets")
+        q = nmodel.quality[idx]
+        state["nm_sd"] = torch.tensor(nmodel.metric_sd, dtype=torch.float32)
+        if "ridge" in cfg.components:
+            from sklearn.linear_model import RidgeCV
+
+            r = RidgeCV(alphas=ALPHAS, alpha_per_target=True).fit(z, q)
+            state.update(nm_ridge_w=torch.tensor(r.coef_.T.copy()), nm_ridge_b=torch.tensor(r.intercept_))
+        if "krr" in cfg.components:
+            coef, gamma, b = _fit_krr_multi(z, q)
+            state.update(
+                nm_krr_coef=torch.tensor(coef), nm_krr_gamma=torch.tensor(gamma), nm_krr_b=torch.tensor(b)
+            )
+            if "krr_x" not in state:
+                state["krr_x"] = torch.tensor(z, dtype=torch.float32)
     with torch.no_grad():
         for name, value in state.items():
             getattr(module, name).copy_(value.to(torch.float32))
     return module.eval()
+
+
+@torch.no_grad()
+def predict_model_scores(module: MultiTaskRouter, x: np.ndarray) -> np.ndarray:
+    """model_scores [N, n_models] of an N-model router from layer-mean pooled features."""
+    return module.model_scores(torch.tensor(x, dtype=torch.float32)).numpy().astype(np.float64)
 
 
 @torch.no_grad()
@@ -343,26 +421,42 @@ def fit_predict(
 
 
 def fit_and_calibrate(
-    x: np.ndarray, pair, idx: np.ndarray, cfg: MultiTaskConfig, seed: int, folds: int = CALIBRATION_FOLDS
+    x: np.ndarray,
+    pair,
+    idx: np.ndarray,
+    cfg: MultiTaskConfig,
+    seed: int,
+    folds: int = CALIBRATION_FOLDS,
+    nmodel=None,
+    oof_scores: list | None = None,
 ) -> tuple[MultiTaskRouter, np.ndarray, int]:
     """(router fitted on ``idx``, out-of-fold prs [len(idx)], folds used): what `routet2i train` does.
 
     The out-of-fold prs of every training prompt (``folds`` folds split by text, each fitted on the
     others) stand in for the final router's prs on prompts it never saw; the calibration table is their
-    quantiles. With fewer than 2 distinct texts the in-sample prs are used."""
+    quantiles. With fewer than 2 distinct texts the in-sample prs are used. N-model router (``nmodel``):
+    the out-of-fold model_scores [len(idx), n_models] are appended to ``oof_scores``."""
     from routet2i.training.evaluate import folds_by_text
 
     prompts = [pair.prompts[i] for i in idx]
     k = min(folds, len(set(prompts)))
     oof = np.zeros(len(idx))
+    scores = np.zeros((len(idx), len(cfg.models)))
     if k >= 2:
         fold_id = folds_by_text(prompts, k, seed)
         for f in range(k):
             test, train = idx[fold_id == f], idx[fold_id != f]
-            oof[fold_id == f] = predict_multitask(fit_multitask(x, pair, train, cfg, seed + 1 + f), x[test])
-    module = fit_multitask(x, pair, idx, cfg, seed)
+            fitted = fit_multitask(x, pair, train, cfg, seed + 1 + f, nmodel)
+            oof[fold_id == f] = predict_multitask(fitted, x[test])
+            if cfg.models:
+                scores[fold_id == f] = predict_model_scores(fitted, x[test])
+    module = fit_multitask(x, pair, idx, cfg, seed, nmodel)
     if k < 2:
         oof = predict_multitask(module, x[idx])
+        if cfg.models:
+            scores = predict_model_scores(module, x[idx])
+    if oof_scores is not None:
+        oof_scores.append(scores)
     return module, oof, max(k, 1)
 
 

@@ -39,8 +39,10 @@ __all__ = [
     "COLUMNS",
     "IMAGE_COLUMN",
     "KEY",
+    "NModelData",
     "PairData",
     "average_images",
+    "nmodel_data",
     "pair_data",
     "read_table",
     "validate_table",
@@ -312,3 +314,77 @@ def pair_data(
         all_models=models,
         q_all=q_all,
     )
+
+
+@dataclass
+class NModelData:
+    """An edge model and several cloud models on the same prompts: the N-model router's targets.
+
+    ``pair`` is the pair (edge, first cloud model) restricted to the prompts every model has;
+    ``quality`` [n, M] is each model's combined quality (mean over the metrics of score / that metric's
+    pooled sd over all the dataset's scores of that metric), columns in ``models`` order (edge first)."""
+
+    pair: PairData
+    models: list[str]  # edge, then the cloud models in --cloud-model order
+    quality: np.ndarray  # [n, M] combined quality
+    metric_sd: np.ndarray  # [k] pooled sd of each metric over all the dataset's scores
+    columns: list[int]  # index of each model in pair.all_models
+
+
+def nmodel_data(
+    df: pd.DataFrame,
+    dataset: str,
+    edge_model: str,
+    cloud_models: Sequence[str],
+    metrics: Sequence[str] | None = None,
+) -> NModelData:
+    """The pair (edge, first cloud model) plus every cloud model's scores on the same prompts and metrics.
+
+    Prompts lacking a chosen metric for any of the models are dropped (count logged)."""
+    if len(set(cloud_models)) != len(cloud_models):
+        raise UsageError(f"--cloud-model names a model twice: {', '.join(cloud_models)}")
+    pair = pair_data(df, dataset, edge_model, cloud_models[0], metrics)
+    assert pair.all_models is not None and pair.q_all is not None
+    for name in cloud_models[1:]:
+        if name not in pair.all_models:
+            raise UsageError(
+                f"--cloud-model {name!r} is not in dataset {dataset!r}; models: {_listing(pair.all_models)}"
+            )
+        if name == edge_model:
+            raise UsageError(f"--edge-model and --cloud-model must differ, both are {edge_model!r}")
+    models = [edge_model, *cloud_models]
+    columns = [pair.all_models.index(m) for m in models]
+    q = pair.q_all[:, columns]  # [n, M, k]
+    keep = ~np.isnan(q).any(axis=(1, 2))
+    if not keep.all():
+        logger.warning(
+            "dataset %s: %d of %d prompts dropped (a metric is missing for one of %s)",
+            dataset,
+            int((~keep).sum()),
+            len(keep),
+            ", ".join(models),
+        )
+    if keep.sum() < 2:
+        raise UsageError(
+            f"dataset {dataset!r}: fewer than 2 prompts have every metric for {', '.join(models)}"
+        )
+    rows = np.flatnonzero(keep)
+    pair = PairData(
+        dataset=pair.dataset,
+        edge_model=pair.edge_model,
+        cloud_model=pair.cloud_model,
+        metrics=pair.metrics,
+        prompt_ids=[pair.prompt_ids[i] for i in rows],
+        prompts=[pair.prompts[i] for i in rows],
+        q_edge=pair.q_edge[rows],
+        q_cloud=pair.q_cloud[rows],
+        all_models=pair.all_models,
+        q_all=pair.q_all[rows],
+    )
+    d = df[(df["dataset"] == dataset) & df["metric"].isin(pair.metrics)]
+    sd = np.array(
+        [float(np.std(d.loc[d["metric"] == m, "value"].to_numpy(dtype=np.float64))) for m in pair.metrics]
+    )
+    sd = np.where(sd > 0, sd, 1.0)
+    quality = (pair.q_all[:, columns] / sd).mean(axis=2)
+    return NModelData(pair=pair, models=models, quality=quality, metric_sd=sd, columns=columns)

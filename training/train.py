@@ -281,7 +281,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", required=True, help="quality table (CSV or Parquet)")
     parser.add_argument("--dataset", required=True, help="dataset name in the table")
     parser.add_argument("--edge-model", required=True, help="edge model name in the table")
-    parser.add_argument("--cloud-model", required=True, help="cloud model name in the table")
+    parser.add_argument(
+        "--cloud-model",
+        required=True,
+        action="append",
+        help="cloud model name in the table; repeat it for an N-model router (method multitask)",
+    )
     parser.add_argument("--out", required=True, help="ROUTER_DIR to write (router.pt + backbone/)")
     from routet2i.training.methods import DEFAULT_METHOD
 
@@ -410,10 +415,29 @@ def check_settings(cfg: TrainConfig, overrides: dict[str, Any], max_length: int,
         )
 
 
+def split_cloud_models(args: argparse.Namespace) -> list[str]:
+    """--cloud-model given once or repeated: sets ``args.cloud_models`` (the list) and ``args.cloud_model``
+    (the first one: what the pair code reads). Several need the multitask method (UsageError otherwise)."""
+    from routet2i._errors import UsageError
+
+    clouds = args.cloud_model if isinstance(args.cloud_model, list) else [args.cloud_model]
+    args.cloud_models = list(clouds)
+    args.cloud_model = clouds[0]
+    method = getattr(args, "method", "multitask")
+    if len(clouds) > 1 and method != "multitask":
+        raise UsageError(
+            f"--method {method!r} routes one pair; several --cloud-model need the N-model router: --method multitask"
+        )
+    if len(set(clouds)) != len(clouds):
+        raise UsageError(f"--cloud-model names a model twice: {', '.join(clouds)}")
+    return args.cloud_models
+
+
 def check_train_args(args: argparse.Namespace) -> None:
     from routet2i._errors import UsageError
     from routet2i.paths import check_output_path
 
+    split_cloud_models(args)
     if args.method not in TRAINABLE:
         raise UsageError(
             f"--method {args.method!r} is not a trainable router; choose one of {', '.join(TRAINABLE)}"
@@ -484,6 +508,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     overrides = _overrides(args)
     if args.method == "multitask":
+        if len(args.cloud_models) > 1:
+            return _run_nmodel(args, pair, weights, cfg)
         return _run_multitask(args, pair, weights, cfg)
     feats = token_states(pair.prompts, args.backbone, args.max_length, cache_dir=args.cache_dir)
     _, _, sd = combined_quality(pair.q_edge, pair.q_cloud, weights)
@@ -588,3 +614,89 @@ def _run_multitask(args: argparse.Namespace, pair, weights: np.ndarray, cfg: Tra
         f"{n_folds}-fold out-of-fold predictions, {time.perf_counter() - t0:.0f} s; wrote {out}"
     )
     return 0
+
+
+def _run_nmodel(args: argparse.Namespace, pair, weights: np.ndarray, cfg: TrainConfig) -> int:
+    """N-model router: the pair router of (edge, first cloud model) plus model_scores of every model."""
+    import time
+
+    from routet2i.training.calibration import calibration_table
+    from routet2i.training.evaluate import torch_threads
+    from routet2i.training.model import save_router
+    from routet2i.training.multitask import CALIBRATION_FOLDS, fit_and_calibrate
+    from routet2i.training.tables import nmodel_data, read_table
+    from threadpoolctl import threadpool_limits
+
+    t0 = time.perf_counter()
+    data = nmodel_data(
+        read_table(args.table),
+        args.dataset,
+        args.edge_model,
+        args.cloud_models,
+        parse_list(args.metrics, "--metrics"),
+    )
+    pair = data.pair
+    x, mcfg = nmodel_features_config(data, weights, args, cfg)
+    idx = np.arange(len(pair))
+    oof_scores: list[np.ndarray] = []
+    with torch_threads(1), threadpool_limits(1):
+        module, oof, n_folds = fit_and_calibrate(
+            x, pair, idx, mcfg, args.seed, CALIBRATION_FOLDS, nmodel=data, oof_scores=oof_scores
+        )
+    out = save_router(
+        args.out,
+        module,
+        module.config,
+        args.backbone,
+        method="multitask",
+        metrics=list(pair.metrics),
+        weights=[float(w) for w in weights],
+        gamma=cfg.gamma,
+        edge_model=pair.edge_model,
+        cloud_model=pair.cloud_model,
+        dataset=pair.dataset,
+        calibration=calibration_table(oof),
+        extra={
+            "seed": args.seed,
+            "n_train": len(pair),
+            "n_calibration": len(pair),
+            "calibration_source": f"out-of-fold predictions, {n_folds} folds by text",
+            "auxiliary_models": list(pair.all_models or []),
+            "models": list(data.models),
+            "cloud_models": list(data.models[1:]),
+            "model_metric_sd": [float(v) for v in data.metric_sd],
+            # out-of-fold predicted model_scores of every training prompt: the budget table's source
+            "oof_model_scores": [[float(v) for v in row] for row in oof_scores[0]],
+            "train_seconds": round(time.perf_counter() - t0, 1),
+        },
+    )
+    print(
+        f"trained an N-model multitask router on {len(pair)} prompts of {pair.dataset} "
+        f"({', '.join(data.models)}), calibrated on {n_folds}-fold out-of-fold predictions, "
+        f"{time.perf_counter() - t0:.0f} s; wrote {out}"
+    )
+    return 0
+
+
+def nmodel_features_config(data, weights, args: argparse.Namespace, cfg: TrainConfig):
+    """(layer-mean pooled features [n, d], MultiTaskConfig with the N-model heads) of ``data``."""
+    from routet2i.training.multitask import MultiTaskConfig, layer_mean, pooled_layer_states
+
+    pair = data.pair
+    x = layer_mean(
+        pooled_layer_states(pair.prompts, args.backbone, args.max_length, cache_dir=args.cache_dir)
+    )
+    mcfg = MultiTaskConfig(
+        metrics=list(pair.metrics),
+        weights=[float(w) for w in weights],
+        backbone=args.backbone,
+        hidden_size=int(x.shape[1]),
+        max_length=args.max_length,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        models=list(data.models),
+        model_columns=list(data.columns),
+    )
+    if getattr(args, "epochs", None) is not None:
+        mcfg = replace(mcfg, epochs=args.epochs)
+    return x, mcfg
