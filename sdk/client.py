@@ -76,11 +76,18 @@ class RouteDecision:
     cause: str | None = None  # why a wanted cloud route stays on the device (e.g. "circuit breaker open")
     metric_scores: list[float] = field(default_factory=list)  # router's per-metric scores
     route_seconds: float = 0.0  # time spent deciding (router inference included)
+    # N-model routers (several cloud models; README, "Several cloud models"); None for a 2-model router:
+    cost: float | None = None  # quota units the chosen model costs per image (the edge: 0)
+    scores: dict[str, float] | None = None  # the router's predicted combined quality per model
+    lambda_: float | None = None  # cost price in force: the router picks argmax(score - lambda_ * cost)
+    budget: float | None = None  # configured budget (average cloud cost units per prompt)
+    paced_budget: float | None = None  # budget actually targeted after quota-aware pacing
+    wanted_model: str | None = None  # the router's (or force's) choice, also when it stays on the edge
 
     def to_dict(self) -> dict[str, Any]:
         """Every field (JSON-safe)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k in ("prs", "alpha"):
+        for k in ("prs", "alpha", "lambda_"):
             if isinstance(d.get(k), float) and not math.isfinite(d[k]):
                 d[k] = None
         return d
@@ -113,6 +120,7 @@ class GenerateResult:
     seeds: list[int] = field(default_factory=list)  # seed of each image: seed + i (mod 2**64)
     prompt: str | None = field(default=None, repr=False)  # for save()'s metadata; None when privacy says no
     # (save_prompt = false, or a local-only prompt); not in to_dict()
+    cost: float | None = None  # N-model routers: quota units the chosen model costs per image (edge: 0)
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -309,6 +317,7 @@ class EdgeClient:
             local_only=LocalOnlyRules(config.local_only_patterns, config.local_only_keywords),
             state=self.state,
             rng=self._rng,
+            budget=config.budget,
         )
         self.decisions = DecisionLog(config.resolved_decision_log(), config.log_prompts)
         self.cloud: CloudClient | None = None
@@ -347,8 +356,17 @@ class EdgeClient:
             or (type(self.edge).__name__ if self.edge is not None else "")
         ) or str((routing or {}).get("edge_model", "edge"))
         self._cloud_name = str((routing or {}).get("cloud_model") or "cloud")
-        # names a caller may pass as models=[...]: the router's pair (the N-model issue extends this)
+        # names a caller may pass as models=[...] or force=: the router bundle's models (routing.json
+        # ``models``; an older bundle: its edge/cloud pair)
         self._model_names = {str((routing or {}).get("edge_model") or self._edge_name), self._cloud_name}
+        if routing is not None and "models" in routing:
+            self._model_names = {m.name for m in self.policy.models}
+            self._cloud_name = self.policy.models[1].name
+        self._nmodel = self.policy.nmodel
+        if self._nmodel and not hasattr(self.router, "predict_models_one"):
+            raise UsageError(
+                "router: an N-model routing.json needs a router with predict_models_one (a RouterSession)"
+            )
         logger.info(
             "EdgeClient ready: router=%s edge=%s cloud=%s target_cloud_rate=%s",
             config.router,
@@ -420,11 +438,27 @@ class EdgeClient:
         for name, v in (("width", width), ("height", height)):
             if v is not None and (not isinstance(v, int) or v <= 0 or v % 8):
                 raise UsageError(f"{name}={v!r}: must be a positive multiple of 8")
-        if force not in (None, "edge", "cloud"):
-            raise UsageError(f"force={force!r}: must be 'edge', 'cloud' or None")
+        if force not in (None, "edge", "cloud") and force not in self._model_names:
+            raise UsageError(
+                f"force={force!r}: must be 'edge', 'cloud', a model name "
+                f"({', '.join(m.name for m in self.policy.models)}) or None"
+            )
+
+    def _norm_force(self, force: str | None) -> str | None:
+        """A 2-model router: a model name given as force is its route (the N-model policy takes names)."""
+        if self._nmodel or force in (None, "edge", "cloud"):
+            return force
+        return "cloud" if force == self._cloud_name else "edge"
+
+    def _allowed(self, models: Any) -> tuple[bool, list[str] | None]:
+        """(cloud allowed, the cloud model names allowed or None for all) for ``models``."""
+        cloud_allowed = self._check_models(models)
+        if not self._nmodel or models is None:
+            return cloud_allowed, None
+        return cloud_allowed, [m for m in models if m in self._model_names]
 
     def _check_models(self, models: Any) -> bool:
-        """Validate ``models``; True when the cloud model may be chosen."""
+        """Validate ``models``; True when a cloud model may be chosen."""
         if models is None:
             return True
         if isinstance(models, str) or not all(isinstance(m, str) for m in models or ()) or not models:
@@ -435,18 +469,33 @@ class EdgeClient:
                 f"models={list(models)!r}: unknown model(s) {unknown}; this router knows "
                 f"{', '.join(sorted(self._model_names))}"
             )
+        if self._nmodel:
+            return any(m in self._model_names and m != self.policy.models[0].name for m in models)
         return self._cloud_name in models
 
     def _decide(
-        self, prompt: str, force: str | None, local_only: bool, cloud_allowed: bool = True
+        self,
+        prompt: str,
+        force: str | None,
+        local_only: bool,
+        cloud_allowed: bool = True,
+        allowed: list[str] | None = None,
     ) -> tuple[Decision, list[float], float]:
         """Router, quota refresh, then the policy's decision, counted for pacing and calibration."""
         t_start = time.perf_counter()
         prs, scores = None, []
+        model_scores = None
         if self.router is not None:
-            out_prs, out_scores = self.router.predict_one(prompt)
+            if self._nmodel:
+                out_prs, out_scores, out_models = self.router.predict_models_one(prompt)
+                model_scores = [float(x) for x in list(out_models)]
+            else:
+                out_prs, out_scores = self.router.predict_one(prompt)
             prs = float(out_prs)
             scores = [float(s) for s in list(out_scores)]
+        extra: dict[str, Any] = {}
+        if self._nmodel:
+            extra = {"model_scores": model_scores, "allowed": allowed}
         t_route = time.perf_counter() - t_start
         now = time.time()
         self._maybe_refresh_quota(now)
@@ -459,6 +508,7 @@ class EdgeClient:
             cloud_open=self.cloud.available if self.cloud is not None else False,
             cloud_allowed=cloud_allowed,
             now=now,
+            **extra,
         )
         return decision, scores, t_route
 
@@ -475,23 +525,32 @@ class EdgeClient:
 
         Counts as a request for pacing and as a routed prompt for online calibration, like `generate`, and
         is appended to the decision log (``"decided_only": true``). ``models``: the model names the route may
-        choose among (today the router's edge and cloud model names; leaving the cloud model out keeps the
-        prompt on the edge with reason "forced")."""
+        choose among (the router bundle's model names; the edge is always allowed; leaving every cloud model
+        out keeps the prompt on the edge with reason "forced"). ``force``: "edge", "cloud" (an N-model
+        router: its best allowed cloud model at the current lambda) or a model's name."""
         self._check_args(prompt, None, None, None, None, None, force)
-        cloud_allowed = self._check_models(models)
+        cloud_allowed, allowed = self._allowed(models)
         t0 = time.perf_counter()
-        decision, scores, _ = self._decide(prompt, force, local_only, cloud_allowed)
+        decision, scores, _ = self._decide(
+            prompt, self._norm_force(force), local_only, cloud_allowed, allowed
+        )
         out = self._route_decision(decision, scores, time.perf_counter() - t0)
         rec = self._record(uuid.uuid4().hex, decision, {"route": _round(out.route_seconds)}, None, None, None)
         rec["decided_only"] = True
         self.decisions.append(rec, prompt=prompt)
         return out
 
+    def _model_of(self, decision: Decision) -> str:
+        if decision.route == "cloud":
+            return decision.model or self._cloud_name
+        return self._edge_name
+
     def _route_decision(self, decision: Decision, scores: list[float], seconds: float) -> RouteDecision:
+        n = self._nmodel
         return RouteDecision(
             route=decision.route,
             reason=decision.reason,
-            model=self._cloud_name if decision.route == "cloud" else self._edge_name,
+            model=self._model_of(decision),
             prs=decision.prs,
             alpha=decision.alpha,
             target_rate=decision.target_rate,
@@ -503,6 +562,14 @@ class EdgeClient:
             cause=decision.details.get("cause"),
             metric_scores=scores,
             route_seconds=seconds,
+            cost=decision.cost if n else None,
+            scores=None
+            if not n or decision.scores is None
+            else {m.name: s for m, s in zip(self.policy.models, decision.scores, strict=True)},
+            lambda_=decision.lambda_ if n else None,
+            budget=decision.target_rate if n else None,
+            paced_budget=decision.paced_rate if n else None,
+            wanted_model=decision.details.get("wanted_model", decision.model) if n else None,
         )
 
     def generate(
@@ -522,6 +589,7 @@ class EdgeClient:
         strict: bool | None = None,
         cancel: threading.Event | None = None,
         num_images_per_prompt: int = 1,
+        models: list[str] | None = None,
     ) -> GenerateResult:
         """Route and generate one image. Arguments left None take the config's defaults, then the pipeline's.
 
@@ -539,7 +607,8 @@ class EdgeClient:
         (one routing decision). On the edge they are denoised one after the other; in the cloud each is
         one request (charged as one image each). When the cloud fails on any of them, the whole batch is
         generated on the edge (images the cloud already made are dropped, though charged) or, with
-        ``strict``, the error is raised.
+        ``strict``, the error is raised. ``models`` and ``force`` (a model's name too) as in `route`; an
+        N-model router's cloud choice is sent as the request's model and charged at its cost.
         """
         cfg = self.config
         steps = num_inference_steps if num_inference_steps is not None else cfg.num_inference_steps
@@ -569,7 +638,10 @@ class EdgeClient:
             seed = self._rng.randint(0, _MAX_SEED)
         t_start = time.perf_counter()
 
-        decision, scores, t_route = self._decide(prompt, force, local_only)
+        cloud_allowed, allowed = self._allowed(models)
+        decision, scores, t_route = self._decide(
+            prompt, self._norm_force(force), local_only, cloud_allowed, allowed
+        )
         prs = decision.prs
         route, reason = decision.route, decision.reason
         timings = {"route": t_route, "queue": 0.0, "generate": 0.0, "network": 0.0}
@@ -608,7 +680,12 @@ class EdgeClient:
                         prompt, negative, steps, guidance, width, height, seed_i, decision,
                     )  # fmt: skip
                     try:
-                        call = self.cloud.generate(req, on_progress=cb, deadline_s=deadline_s)
+                        call = self.cloud.generate(
+                            req,
+                            on_progress=cb,
+                            deadline_s=deadline_s,
+                            model=decision.model if self._nmodel else None,
+                        )
                     except CloudError as exc:
                         attempts += exc.attempts
                         if n_images > 1:
@@ -700,6 +777,7 @@ class EdgeClient:
             images=list(images),
             seeds=[int(x) for x in seeds],
             prompt=prompt if keep_prompt else None,
+            cost=(decision.cost if route == "cloud" else 0.0) if self._nmodel else None,
         )
         self._log(request_id, prompt, route, reason, decision, timings, quota, seed, cloud_error)
         return result
@@ -791,6 +869,11 @@ class EdgeClient:
             "seed": None if seed is None else int(seed),
             "timings": timings,
         }
+        if decision.model is not None:  # an N-model router
+            rec["model"], rec["cost"] = decision.model, decision.cost
+            rec["lambda"] = (
+                decision.lambda_ if decision.lambda_ is not None and math.isfinite(decision.lambda_) else None
+            )
         if cloud_error:
             rec["cloud_error"] = cloud_error
         return rec
@@ -800,6 +883,8 @@ class EdgeClient:
     ):
         rec = self._record(request_id, decision, timings, quota, seed, None)
         rec["route"], rec["reason"] = route, reason
+        if "model" in rec and route != decision.route:  # a cloud failure fell back to the edge
+            rec["model"], rec["cost"] = self._edge_name, 0.0
         if cloud_error:
             rec["cloud_error"] = cloud_error
         if failed:

@@ -88,7 +88,9 @@ class ClientConfig:
     # --- [policy]
     target_cloud_rate: float | None = None  # wanted share of cloud generations; None: the bundle's default
     budget: float | None = None  # average cloud cost units per prompt; with one cloud model of cost 1 the
-    # same number as target_cloud_rate (its alias here: give either, or both equal)
+    # same number as target_cloud_rate (its alias here: give either, or both equal). With several cloud
+    # models (an N-model router bundle) budget is the parameter; target_cloud_rate given alone is read as
+    # a budget in units too.
     calibration: str = "online"  # "online": alpha tracks the target quantile of the device's own PRS^;
     # "static": alpha from the bundle's calibration table only
     calibration_window: int = 500  # PRS^ values (numbers only) online calibration keeps per router
@@ -121,17 +123,21 @@ class ClientConfig:
 
     def validate(self) -> None:  # noqa: C901 - one flat list of checks
         """Raise UsageError naming the field, its value and what is allowed."""
-        if self.target_cloud_rate is not None and not (
-            isinstance(self.target_cloud_rate, (int, float)) and 0.0 <= self.target_cloud_rate <= 1.0
+        if (
+            self.target_cloud_rate is not None
+            and not (self.budget is not None and self.target_cloud_rate == self.budget)
+            and not (
+                isinstance(self.target_cloud_rate, (int, float)) and 0.0 <= self.target_cloud_rate <= 1.0
+            )
         ):
             raise UsageError(f"target_cloud_rate={self.target_cloud_rate!r}: must be a number in [0, 1]")
         if self.budget is not None:
             if isinstance(self.budget, bool) or not (
-                isinstance(self.budget, (int, float)) and 0.0 <= self.budget <= 1.0
+                isinstance(self.budget, (int, float)) and 0.0 <= self.budget < float("inf")
             ):
                 raise UsageError(
-                    f"budget={self.budget!r}: must be a number in [0, 1] (cloud cost units per prompt; "
-                    "one cloud model of cost 1 today)"
+                    f"budget={self.budget!r}: must be a finite number >= 0 (average cloud cost units per "
+                    "prompt; at most the router's one cloud model's cost, or its dearest model's)"
                 )
             if self.target_cloud_rate is not None and self.target_cloud_rate != self.budget:
                 raise UsageError(

@@ -92,6 +92,132 @@ class CalibrationTable:
         return alpha_at_rate(self.rates, self.alphas, rate)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model a router bundle routes to (routing.json ``models``): the edge (cost 0) or a cloud model."""
+
+    name: str
+    where: str  # "edge" | "cloud"
+    cost: int  # quota units per image (the edge: 0)
+
+
+def routing_models(routing: dict[str, Any] | None) -> list[ModelSpec]:
+    """routing.json's ``models`` (edge first, cost 0; cloud costs positive integers), or for older bundles
+    without it ``[edge_model/edge/0, cloud_model/cloud/1]``. A malformed list: one UsageError line."""
+    routing = routing or {}
+    rows = routing.get("models")
+    if rows is None:
+        return [
+            ModelSpec(str(routing.get("edge_model") or "edge"), "edge", 0),
+            ModelSpec(str(routing.get("cloud_model") or "cloud"), "cloud", 1),
+        ]
+    what = "routing.json: 'models' must be a list of {name, where: edge|cloud, cost}, the edge first (cost 0)"
+    if not isinstance(rows, list) or len(rows) < 2:
+        raise UsageError(f"{what} and at least one cloud model; got {rows!r}")
+    out: list[ModelSpec] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str) or not row["name"]:
+            raise UsageError(f"{what}; row {i} is {row!r}")
+        where, cost = row.get("where"), row.get("cost")
+        want_edge = i == 0
+        if where != ("edge" if want_edge else "cloud"):
+            raise UsageError(f"{what}; row {i} ({row['name']!r}) has where={where!r}")
+        if isinstance(cost, bool) or not isinstance(cost, int) or (cost != 0 if want_edge else cost < 1):
+            raise UsageError(
+                f"{what}; row {i} ({row['name']!r}) has cost={cost!r} "
+                f"({'the edge costs 0' if want_edge else 'a positive integer of quota units'})"
+            )
+        out.append(ModelSpec(row["name"], where, cost))
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise UsageError(f"{what}; model names repeat: {names}")
+    return out
+
+
+@dataclass
+class BudgetTable:
+    """Budget (cost units per prompt) -> lambda rows from an N-model routing.json, budget ascending."""
+
+    budgets: list[float]
+    lambdas: list[float]
+
+    @classmethod
+    def from_routing(cls, routing: dict[str, Any]) -> BudgetTable:
+        rows = routing.get("budget_table")
+        what = (
+            "routing.json: an N-model bundle needs 'budget_table': [{budget, lambda}, ...], budget ascending"
+        )
+        if not isinstance(rows, list) or not rows:
+            raise UsageError(f"{what}; got {rows!r}")
+        try:
+            pairs = [(float(r["budget"]), float(r["lambda"])) for r in rows]
+        except (TypeError, KeyError, ValueError):
+            raise UsageError(f"{what}; got {rows!r}") from None
+        if any(not (math.isfinite(b) and math.isfinite(lam) and b >= 0 and lam >= 0) for b, lam in pairs):
+            raise UsageError(f"{what} (finite, >= 0); got {rows!r}")
+        if any(b2 < b1 for (b1, _), (b2, _) in zip(pairs, pairs[1:], strict=False)):
+            raise UsageError(f"{what}; not ascending: {rows!r}")
+        return cls([b for b, _ in pairs], [lam for _, lam in pairs])
+
+    def lam(self, budget: float) -> float:
+        """lambda of the row of the largest tabulated budget <= ``budget`` (below the first row: its lambda)."""
+        if budget <= 0.0:
+            return math.inf
+        i = 0
+        for j, b in enumerate(self.budgets):
+            if b <= budget:
+                i = j
+        return self.lambdas[i]
+
+
+def choose(scores: Sequence[float], costs: Sequence[float], lam: float, allowed: Sequence[int]) -> int:
+    """argmax over ``allowed`` model indices of scores[m] - lam * costs[m]; a tie goes to the cheaper (then
+    the earlier) model; lam inf: the cheapest allowed model."""
+    best, best_key = allowed[0], None
+    for m in allowed:
+        value = -costs[m] if math.isinf(lam) else scores[m] - lam * costs[m]
+        key = (value, -costs[m])
+        if best_key is None or key > best_key:
+            best, best_key = m, key
+    return best
+
+
+def window_lambda(rows: Sequence[Sequence[float]], costs: Sequence[float], level: float) -> float:
+    """The smallest lambda at which the mean cost of argmax_m (scores[m] - lambda * cost[m]) over the
+    window's model_scores ``rows`` is <= ``level`` (exact: searched over the breakpoints where a prompt's
+    choice changes; the mean cost does not increase with lambda)."""
+    import numpy as np
+
+    s = np.asarray(rows, dtype=np.float64)
+    c = np.asarray(costs, dtype=np.float64)
+    cands = [np.zeros(1)]
+    k = len(costs)
+    for i in range(k):
+        for j in range(i + 1, k):
+            if c[i] != c[j]:
+                cands.append((s[:, i] - s[:, j]) / (c[i] - c[j]))
+    cand = np.unique(np.concatenate(cands))
+    cand = cand[np.isfinite(cand) & (cand >= 0)]
+    # evaluated just above each breakpoint, where a tie has gone to the cheaper model
+    lams = cand + 1e-9 * (1.0 + cand)
+
+    def mean_cost(lam: float) -> float:
+        return float(c[np.argmax(s - lam * c, axis=1)].mean())
+
+    lo, hi = 0, len(lams) - 1
+    if mean_cost(0.0) <= level:
+        return 0.0
+    if mean_cost(float(lams[hi])) > level:
+        return float(lams[hi])
+    while lo < hi:  # smallest index with mean cost <= level
+        mid = (lo + hi) // 2
+        if mean_cost(float(lams[mid])) <= level:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(lams[lo])
+
+
 class LocalOnlyRules:
     """Regexes and keywords that keep a prompt on the device."""
 
@@ -278,6 +404,9 @@ class DeviceState:
                 if isinstance(entry, dict):
                     prs = [float(x) for x in entry.get("prs", [])]
                     self.calibration[str(key)] = {"prs": prs, "error": float(entry.get("error", 0.0))}
+                    if isinstance(entry.get("scores"), list):  # an N-model router's model_scores rows
+                        rows = [[float(x) for x in row] for row in entry["scores"]]
+                        self.calibration[str(key)]["scores"] = rows
         q = doc.get("quota")
         if doc.get("cloud_key") != self.cloud_key:
             self.quota, self.exhausted_until = None, 0.0
@@ -392,6 +521,25 @@ class DeviceState:
                 del self.calibration[old]
             self._dirty = True
 
+    def model_window(self, key: str) -> tuple[list[list[float]], float]:
+        """(model_scores rows routed, oldest first; cost error owed) of the N-model router ``key``."""
+        entry = self.calibration.get(key)
+        return (entry.get("scores", []), entry["error"]) if entry else ([], 0.0)
+
+    def observe_scores(self, key: str, scores: Sequence[float], error: float, window: int) -> None:
+        """Append one routed model_scores row (rounded to 6 decimals, numbers only) to router ``key``'s
+        window (the last ``window`` kept) and store its cost error."""
+        with self.transaction():
+            entry = self.calibration.pop(key, None) or {"prs": [], "error": 0.0}
+            rows = entry.setdefault("scores", [])
+            rows.append([round(float(x), 6) for x in scores])
+            del rows[:-window]
+            entry["error"] = float(error)
+            self.calibration[key] = entry
+            for old in list(self.calibration)[:-_MAX_ROUTERS]:
+                del self.calibration[old]
+            self._dirty = True
+
 
 def router_key(routing: dict[str, Any]) -> str:
     """Which router a calibration window belongs to: a digest of its routing.json."""
@@ -427,6 +575,11 @@ class Decision:
     wanted_cloud: bool | None = None  # the router's own wish (None: forced or local-only, router not asked)
     calibration: str = "static"  # how alpha was found: "online" | "static"
     observed: int = 0  # PRS^ values in the online calibration window when deciding
+    # N-model bundles (None/[] for a 2-model one):
+    model: str | None = None  # the model chosen (edge or cloud model name)
+    cost: float | None = None  # its cost in quota units (the edge: 0)
+    lambda_: float | None = None  # the cost price in force: argmax of model_scores - lambda * cost
+    scores: list[float] | None = None  # the router's model_scores (routing.json ``models`` order)
 
 
 class RoutingPolicy:
@@ -446,13 +599,49 @@ class RoutingPolicy:
         local_only: LocalOnlyRules | None = None,
         state: DeviceState | None = None,
         rng: random.Random | None = None,
+        budget: float | None = None,
     ) -> None:
+        """``target_cloud_rate``: a 2-model router's cloud share; ``budget``: average cloud cost units per
+        prompt (a 2-model router: divided by its cloud model's cost; an N-model router: the parameter, and
+        ``target_cloud_rate`` given alone is read as a budget too). ``self.target_rate`` holds the share
+        (2-model) or the budget (N-model)."""
         self.routing = routing or {}
-        self.table = CalibrationTable.from_routing(self.routing) if routing is not None else None
-        if target_cloud_rate is None and routing is not None:
-            target_cloud_rate = routing.get("target_rate")
-        if target_cloud_rate is not None and not (0.0 <= float(target_cloud_rate) <= 1.0):
-            raise UsageError(f"target_cloud_rate={target_cloud_rate!r}: must be in [0, 1]")
+        self.models = routing_models(routing)
+        self.costs = [float(m.cost) for m in self.models]
+        self.nmodel = sum(m.where == "cloud" for m in self.models) >= 2 and routing is not None
+        self.budget_table = BudgetTable.from_routing(self.routing) if self.nmodel else None
+        self.table = (
+            CalibrationTable.from_routing(self.routing) if routing is not None and not self.nmodel else None
+        )
+        # the units one cloud generation costs (a 2-model router: its one cloud model's cost, usually 1)
+        self.unit_cost = 1.0 if self.nmodel else self.costs[1]
+        if budget is not None and target_cloud_rate is not None and budget != target_cloud_rate:
+            raise UsageError(
+                f"budget={budget!r} and target_cloud_rate={target_cloud_rate!r}: the same setting; give one"
+            )
+        if self.nmodel:  # budget in units; target_cloud_rate alone means a budget too
+            b = budget if budget is not None else target_cloud_rate
+            if b is None:
+                b = self.routing.get("default_budget")
+            top = max(self.costs)
+            if b is not None and not (0.0 <= float(b) <= top):
+                raise UsageError(
+                    f"budget={b!r}: must be in [0, {top:g}] (average cloud cost units per prompt; the "
+                    f"models cost {', '.join(f'{m.name}={m.cost}' for m in self.models)})"
+                )
+            target_cloud_rate = None if b is None else float(b)
+        else:
+            if budget is not None:  # units -> the share of prompts in the cloud
+                if not (0.0 <= float(budget) <= self.unit_cost):
+                    raise UsageError(
+                        f"budget={budget!r}: must be in [0, {self.unit_cost:g}] (this router's one cloud "
+                        f"model {self.models[1].name!r} costs {self.unit_cost:g} units per image)"
+                    )
+                target_cloud_rate = float(budget) / self.unit_cost
+            if target_cloud_rate is None and routing is not None:
+                target_cloud_rate = routing.get("target_rate")
+            if target_cloud_rate is not None and not (0.0 <= float(target_cloud_rate) <= 1.0):
+                raise UsageError(f"target_cloud_rate={target_cloud_rate!r}: must be in [0, 1]")
         if calibration not in CALIBRATIONS:
             raise UsageError(f"calibration={calibration!r}: must be one of {', '.join(CALIBRATIONS)}")
         if not isinstance(calibration_window, int) or calibration_window < 1:
@@ -489,7 +678,7 @@ class RoutingPolicy:
         m = rate * (q.period_end_unix - now)
         if m <= 0:
             return rho, m
-        return min(rho, q.remaining / m), m
+        return min(rho, q.remaining / (m * self.unit_cost)), m
 
     def alpha_for(self, rate: float | None) -> tuple[float | None, float, int]:
         """(alpha, keep, observed) for a cloud rate: the table's answer, blended into the online one.
@@ -526,10 +715,19 @@ class RoutingPolicy:
         cloud_open: bool = True,
         cloud_allowed: bool = True,
         now: float | None = None,
+        model_scores: Sequence[float] | None = None,
+        allowed: Sequence[str] | None = None,
     ) -> Decision:
         """Decide edge or cloud. ``cloud_open`` False: the circuit breaker is open (cloud known down).
         ``cloud_allowed`` False: the caller's model list leaves the cloud out (reason "forced").
+        N-model routers: ``model_scores`` (the router's, ``self.models`` order), ``allowed`` (the cloud
+        model names the caller allows; None: all) and ``force`` may also name a model (`decide_models`).
         Pure: nothing is recorded (`route` records)."""
+        if self.nmodel:
+            return self.decide_models(
+                prompt, model_scores, prs=prs, force=force, local_only=local_only,
+                cloud_configured=cloud_configured, cloud_open=cloud_open, allowed=allowed, now=now,
+            )  # fmt: skip
         if force is not None and force not in ROUTES:
             raise UsageError(f"force={force!r}: must be one of 'edge', 'cloud' or None")
         now = time.time() if now is None else now
@@ -569,8 +767,134 @@ class RoutingPolicy:
             return make("edge", "cloud_unavailable", wanted, wanted=reason, cause="circuit breaker open")
         return make("cloud", reason, wanted)
 
+    # --- N-model routers
+
+    def lambda_for(self, budget: float | None) -> tuple[float, int]:
+        """(lambda, observed) for a (paced) budget: the budget table's lambda, blended (n / `WARMUP`) into
+        the window's: the smallest lambda at which the argmax over the recent model_scores rows spends at
+        most the budget plus the cost error owed / `PAYBACK_PROMPTS` (so the long-run spend holds it)."""
+        assert self.budget_table is not None
+        if budget is None or budget <= 0.0:
+            return math.inf, 0  # nothing to the cloud
+        lam_tab = self.budget_table.lam(budget)
+        if self.calibration != "online" or self.router_key is None:
+            return lam_tab, 0
+        rows, error = self.state.model_window(self.router_key)
+        n = len(rows)
+        if n == 0:
+            return lam_tab, 0
+        top = max(self.costs)
+        shift = max(-MAX_PAYBACK * top, min(MAX_PAYBACK * top, error / PAYBACK_PROMPTS))
+        lam_win = window_lambda(rows, self.costs, min(max(budget + shift, 0.0), top))
+        w = min(1.0, n / min(WARMUP, self.calibration_window))
+        return (1.0 - w) * lam_tab + w * lam_win, n
+
+    def model_index(self, name: str) -> int | None:
+        for i, m in enumerate(self.models):
+            if m.name == name:
+                return i
+        return None
+
+    def decide_models(
+        self,
+        prompt: str,
+        model_scores: Sequence[float] | None,
+        *,
+        prs: float | None = None,
+        force: str | None = None,
+        local_only: bool = False,
+        cloud_configured: bool = True,
+        cloud_open: bool = True,
+        allowed: Sequence[str] | None = None,
+        now: float | None = None,
+    ) -> Decision:
+        """An N-model decision: argmax over the allowed models (the edge always) of model_scores[m] -
+        lambda * cost[m], lambda for the (paced) budget. ``force``: "edge", "cloud" (the best allowed cloud
+        model by the same rule) or a model's name. Precedence as `decide`."""
+        names = [m.name for m in self.models]
+        if force is not None and force not in ROUTES and force not in names:
+            raise UsageError(
+                f"force={force!r}: must be 'edge', 'cloud', a model name ({', '.join(names)}) or None"
+            )
+        if allowed is None:
+            cloud_idx = list(range(1, len(names)))
+        else:
+            unknown = sorted(set(allowed) - set(names))
+            if unknown:
+                raise UsageError(f"models: unknown model(s) {unknown}; this router knows {', '.join(names)}")
+            cloud_idx = [i for i in range(1, len(names)) if names[i] in set(allowed)]
+        now = time.time() if now is None else now
+        exhausted = self.state.is_exhausted(now)
+        budget_t, m = (self.target_rate, None) if exhausted else self.paced_rate(now)
+        lam, observed = self.lambda_for(budget_t)
+        calibration = "online" if observed else "static"
+        scores = None if model_scores is None else [float(x) for x in model_scores]
+        if scores is not None and len(scores) != len(names):
+            raise UsageError(
+                f"model_scores: {len(scores)} values for {len(names)} models ({', '.join(names)})"
+            )
+
+        def make(route: str, reason: str, idx: int, wish: bool | None = None, **details: Any) -> Decision:
+            return Decision(
+                route, reason, prs, None, self.target_rate, budget_t, m, details, wish, calibration, observed,
+                model=names[idx], cost=self.costs[idx], lambda_=lam, scores=scores,
+            )  # fmt: skip
+
+        if local_only or self.local_only.matches(prompt):
+            return make("edge", "local_only", 0, per_call=bool(local_only))
+        if force == "edge" or force == names[0] or (force is None and allowed is not None and not cloud_idx):
+            return make("edge", "forced", 0)
+        wanted: bool | None = None
+        if force is not None and force != "cloud":
+            idx, reason = names.index(force), "forced"
+        elif force == "cloud":
+            if not cloud_idx:
+                return make("edge", "forced", 0)
+            reason = "forced"
+            if scores is None:
+                idx = min(cloud_idx, key=lambda i: (self.costs[i], i))  # no router: the cheapest
+            else:
+                idx = choose(scores, self.costs, 0.0 if math.isinf(lam) else lam, cloud_idx)
+        else:
+            if scores is None:
+                raise UsageError("no router bundle configured: pass router=... or force='edge'|'cloud'")
+            idx = choose(scores, self.costs, lam, [0, *cloud_idx])
+            wanted, reason = idx != 0, "router"
+            if not wanted:
+                return make("edge", "router", 0, wanted, wanted_cost=0.0)
+        wish = {"wanted": reason, "wanted_model": names[idx]}
+        cost = {"wanted_cost": self.costs[idx]} if wanted is not None else {}
+        if exhausted:
+            return make(
+                "edge", "quota_exhausted", 0, wanted, **wish, **cost, until=self.state.exhausted_until
+            )
+        if not cloud_configured:
+            return make(
+                "edge", "cloud_unavailable", 0, wanted, **wish, **cost, cause="no cloud endpoint configured"
+            )
+        if not cloud_open:
+            return make("edge", "cloud_unavailable", 0, wanted, **wish, **cost, cause="circuit breaker open")
+        return make("cloud", reason, idx, wanted, **cost)
+
+    def _observe_models(self, decision: Decision) -> None:
+        if self.calibration != "online" or self.router_key is None or decision.wanted_cloud is None:
+            return
+        if decision.scores is None or not all(math.isfinite(x) for x in decision.scores):
+            return
+        if decision.paced_rate is None:
+            return
+        with self.state.transaction():
+            rows, error = self.state.model_window(self.router_key)
+            weight = min(1.0, len(rows) / min(WARMUP, self.calibration_window))
+            spent = float(decision.details.get("wanted_cost", 0.0))
+            error = LEAK * error + weight * (decision.paced_rate - spent)
+            self.state.observe_scores(self.router_key, decision.scores, error, self.calibration_window)
+
     def observe(self, decision: Decision) -> None:
         """Online calibration: add a router decision's PRS^ to the window and its rate error to the debt."""
+        if self.nmodel:
+            self._observe_models(decision)
+            return
         if self.calibration != "online" or self.router_key is None or decision.wanted_cloud is None:
             return
         if decision.prs is None or not math.isfinite(decision.prs) or decision.paced_rate is None:

@@ -77,7 +77,13 @@ class RouterSession:
             if not (root / rel).is_file():
                 raise BundleFileMissing(f"{root / rel}: required by a router bundle but missing")
         routing = read_json_object(root / "routing.json")
-        missing = [k for k in REQUIRED_ROUTING_KEYS if k not in routing]
+        required = list(REQUIRED_ROUTING_KEYS)
+        if (
+            isinstance(routing.get("models"), list)
+            and sum(isinstance(m, dict) and m.get("where") == "cloud" for m in routing["models"]) >= 2
+        ):  # an N-model router: lambda from the budget table instead of alpha from the calibration
+            required[required.index("calibration")] = "budget_table"
+        missing = [k for k in required if k not in routing]
         if missing:
             raise BundleError(f"{root / 'routing.json'}: missing keys {missing}")
         metrics = routing["metrics"]
@@ -115,6 +121,21 @@ class RouterSession:
         if not {"prs", "metric_scores"} <= set(self.model.output_names):
             raise BundleError(
                 f"{root / 'router.onnx'}: outputs {self.model.output_names}, expected prs and metric_scores"
+            )
+        # the models it routes to (routing.json ``models``; older bundles: the edge/cloud pair); an N-model
+        # router (two or more cloud models) also outputs model_scores [batch, n_models]
+        from routet2i.policy import routing_models
+
+        try:
+            self.models = routing_models(routing)
+        except UsageError as exc:
+            raise BundleError(f"{root / 'routing.json'}: {exc}") from None
+        self.model_names = [m.name for m in self.models]
+        self.nmodel = sum(m.where == "cloud" for m in self.models) >= 2
+        if self.nmodel and "model_scores" not in self.model.output_names:
+            raise BundleError(
+                f"{root / 'router.onnx'}: outputs {self.model.output_names}; routing.json lists "
+                f"{len(self.models)} models, so model_scores [batch, {len(self.models)}] is expected too"
             )
         self.providers = self.model.providers
         logger.info(
@@ -162,6 +183,10 @@ class RouterSession:
 
     def predict(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """PRS^ [B] and per-metric scores [B, k] (``self.metrics`` order) for a batch of prompts."""
+        prs, scores, _ = self._predict(prompts)
+        return prs, scores
+
+    def _predict(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise UsageError(f"prompts={prompts!r}: must be a list of strings (use predict_one for one)")
         if len(prompts) == 0:
@@ -178,7 +203,28 @@ class RouterSession:
                 f"{self.bundle_dir / 'router.onnx'}: metric_scores shape {scores.shape}, "
                 f"expected {(len(prompts), len(self.metrics))} (routing.json lists {len(self.metrics)} metrics)"
             )
-        return prs, scores
+        return prs, scores, out
+
+    def predict_models(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`predict` plus model_scores [B, n_models] (``self.model_names`` order) of an N-model router
+        (None for a 2-model one)."""
+        prs, scores, out = self._predict(prompts)
+        if not self.nmodel:
+            return prs, scores, None
+        ms = np.asarray(out["model_scores"], dtype=np.float32)
+        if ms.shape != (len(prompts), len(self.models)):
+            raise BundleError(
+                f"{self.bundle_dir / 'router.onnx'}: model_scores shape {ms.shape}, expected "
+                f"{(len(prompts), len(self.models))} (routing.json lists {len(self.models)} models)"
+            )
+        return prs, scores, ms
+
+    def predict_models_one(self, prompt: str) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """`predict_one` plus the model_scores [n_models] of an N-model router (None for a 2-model one)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError(f"prompt={prompt!r}: must be a non-empty string")
+        prs, scores, ms = self.predict_models([prompt])
+        return float(prs[0]), scores[0], None if ms is None else ms[0]
 
     def predict_one(self, prompt: str) -> tuple[float, np.ndarray]:
         """PRS^ and the per-metric scores [k] of one prompt."""

@@ -132,9 +132,14 @@ def test_config_calibration_and_budget(tmp_path):
     for kwargs, match in [
         ({"calibration": "adaptive"}, "calibration='adaptive': must be 'online' or 'static'"),
         ({"budget": 0.3, "target_cloud_rate": 0.5}, "budget is its alias"),
-        ({"budget": 2}, r"budget=2: must be a number in \[0, 1\]"),
+        ({"budget": -1}, r"budget=-1: must be a finite number >= 0"),
+        ({"budget": float("inf")}, r"budget=inf: must be a finite number >= 0"),
         ({"calibration_window": 0}, "calibration_window=0"),
     ]:
         with pytest.raises(UsageError, match=match):
             ClientConfig(**kwargs)
     assert ClientConfig(budget=0.3, target_cloud_rate=0.3).target_cloud_rate == 0.3
+    # units: above 1 for an N-model router (a 2-model router's policy refuses more than its cloud cost)
+    assert ClientConfig(budget=2).budget == 2
+    with pytest.raises(UsageError, match=r"budget=2: must be in \[0, 1\]"):
+        RoutingPolicy(ROUTING, budget=2)
