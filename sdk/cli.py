@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--local-only", action="store_true", help="keep this prompt on the device")
     p.add_argument("--target-rate", type=float, help="target share of cloud generations in [0, 1]")
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="average cloud cost units per prompt (a router with several cloud models; README, SDK)",
+    )
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help="generate with this model of the router bundle (an edge or cloud model name; no router)",
+    )
     p.add_argument("--deadline", type=float, help="cloud time budget in seconds (retries included)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -133,7 +143,10 @@ def describe(result: Any) -> str:
         "cloud_unavailable": "cloud unavailable, generated on the edge",
         "cloud_error": "cloud error, generated on the edge",
     }.get(result.reason, result.reason)
-    if result.reason != "router":
+    if getattr(result, "cost", None) is not None:  # a router with several cloud models
+        if result.reason == "router":
+            why = f"router chose {result.model} ({result.cost:g} units)"
+    elif result.reason != "router":
         why += f" (PRS^={prs}, alpha={alpha})"
     cause = getattr(result, "cloud_error", None)
     if cause and result.route == "edge":
@@ -157,7 +170,7 @@ def _generate(args: argparse.Namespace, client: Any, progress: _Progress) -> Any
         width=args.width,
         height=args.height,
         seed=args.seed,
-        force=args.force,
+        force=args.model or args.force,
         local_only=args.local_only,
         progress=progress,
         deadline_s=args.deadline,
@@ -179,6 +192,8 @@ def run(args: argparse.Namespace, client_factory: Any = None) -> int:
         raise UsageError("--width and --height go together: give both or neither")
     if args.strict and args.allow_fallback:
         raise UsageError("--strict and --allow-fallback contradict each other: give one")
+    if args.model and args.force:
+        raise UsageError("--model and --force both choose where to generate: give one")
     if args.demo and args.config:
         raise UsageError("--demo uses its own tiny models and loopback cloud; drop --config (or --demo)")
     output = Path(args.output)
@@ -191,6 +206,8 @@ def run(args: argparse.Namespace, client_factory: Any = None) -> int:
     check_output_path(output, "-o")
     progress = _Progress(enabled=not args.no_progress)
     overrides = {"target_cloud_rate": args.target_rate, "scheduler": args.scheduler}
+    if args.budget is not None:
+        overrides["budget"] = args.budget
     try:
         if client_factory is not None:
             result = client_factory(lambda client: _generate(args, client, progress))

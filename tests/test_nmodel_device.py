@@ -257,6 +257,20 @@ def test_generate_charges_the_chosen_models_units(bundle, tmp_path, store_url):
         rec = json.loads((tmp_path / "d.jsonl").read_text().splitlines()[-1])
         assert (rec["model"], rec["cost"]) == ("small", 1.0)
         client.close()
+        # edge-generate --model NAME / --budget: the named cloud model, charged its units
+        from routet2i.cli import main
+
+        env = {
+            "ROUTET2I_ROUTER": str(bundle), "ROUTET2I_CLOUD": srv.address, "ROUTET2I_TOKEN": token,
+            "ROUTET2I_STATE_FILE": str(tmp_path / "cli-state.json"), "ROUTET2I_DECISION_LOG": "",
+        }  # fmt: skip
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            out = tmp_path / "cli.png"
+            assert main(["a red fox", "-o", str(out), "--model", "big", "--budget", "2.5", "--json"]) == 0
+            assert main(["a red fox", "-o", str(out), "--model", "big", "--force", "edge"]) == 2
+        assert store.quota("cam").used == used + 3
     finally:
         srv.stop(0.5)
         store.close()
