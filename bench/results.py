@@ -177,6 +177,62 @@ def _evalmi_experiments() -> list[str]:
     return out
 
 
+NMODEL_COMMANDS = {
+    "evalmi50k_nmodel": "--cloud-model sdxl_base_1 --cloud-model sd3_5_large --costs sdxl_base_1=1,sd3_5_large=3"
+    " --budgets 0.5,1.0,1.5",
+    "evalmi50k_nmodel4": "--cloud-model sdxl_base_1 --cloud-model ali_flux_schnell --cloud-model DALLE3"
+    " --costs sdxl_base_1=1,ali_flux_schnell=2,DALLE3=4 --budgets 0.5,1.0,2.0",
+}
+
+
+def _nmodel_sections() -> list[str]:
+    """N-model routing on EvalMi-50K (issue 14): docs/results/evalmi50k_nmodel*.json from `routet2i eval`."""
+    out: list[str] = []
+    for name, flags in NMODEL_COMMANDS.items():
+        path = DOCS / "results" / f"{name}.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        nm = r["nmodel"]
+        tiers = "; ".join(f"{m}: {c}" for m, c in zip(nm["models"], nm["costs"], strict=True))
+        out += [
+            "",
+            f"## N-model routing on EvalMi-50K: {{{tiers}}} (issue 14)",
+            "",
+            f"`routet2i eval --table ../shared/data/quality/evalmi50k_dev.csv --dataset evalmi50k --edge-model "
+            f"{nm['models'][0]} {flags} --folds {nm['folds']} --seeds {nm['seeds']}` ({nm['n_prompts']} prompts,"
+            f" {nm['seconds'] / 60:.1f} min). Combined quality: mean over the metrics of score / that metric's"
+            " pooled sd over the dataset; cost: average units per prompt (edge 0). Per seed, the N-model router"
+            " (default multitask settings) predicts every model's quality out of fold; each policy picks the"
+            " argmax of predicted quality - lambda x cost with the lambda whose mean spend over the prompts is"
+            " at most the budget (read from the predictions, never the labels). `router_only_C`: the same"
+            " predictions, edge vs C only. `random`: the best random mix of always-one-model choices. Mean ±"
+            " std over seeds. Mean quality of each model alone: "
+            + ", ".join(f"{m} {q:.3f}" for m, q in nm["model_mean_quality"].items())
+            + ".",
+            "",
+            "| budget | router | "
+            + " | ".join(f"only {c}" for c in nm["models"][1:])
+            + " | random mix | oracle | router - best single |",
+            "|---" * (len(nm["models"]) + 5) + "|",
+        ]
+        for b, row in nm["at_budget"].items():
+
+            def cell(key: str, row: dict = row) -> str:
+                v = row.get(key)
+                return "—" if v is None else f"{v['quality']:.3f} ± {v['quality_std']:.3f} @ {v['cost']:.2f}"
+
+            gain = row.get("gain_over_best_single")
+            gain_s = "—" if gain is None else f"{gain:+.3f} (vs {row['best_single']})"
+            cells = [cell("router"), *(cell(f"router_only_{c}") for c in nm["models"][1:])]
+            out.append(
+                f"| {b} | " + " | ".join(cells) + f" | {cell('random')} | {cell('oracle')} | {gain_s} |"
+            )
+        out += ["", "Cells: quality ± std over seeds @ mean spend (units per prompt).", ""]
+        out += [f"![{name}]({name}_curves.png)"]
+    return out
+
+
 def write_results(reports: dict[str, dict]) -> Path:
     out = [
         "# Router results on public quality data and EvalMi-50K",
@@ -209,6 +265,7 @@ def write_results(reports: dict[str, dict]) -> Path:
         out += _dataset_table(r, MAIN + ABL[1:])
         out += ["", f"![{n}]({n}_curves.png)"]
     out += _evalmi_experiments()
+    out += _nmodel_sections()
     notes = DOCS / "RESULTS_NOTES.md"
     if notes.is_file():
         out += ["", notes.read_text().rstrip(), ""]

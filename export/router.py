@@ -164,6 +164,9 @@ def model_costs(models: list[str], costs: dict[str, int] | None) -> list[int]:
             f"--costs names {', '.join(repr(m) for m in unknown)}, not a cloud model of this router; "
             f"cloud models: {', '.join(clouds)}"
         )
+    bad = [f"{m}={u!r}" for m, u in costs.items() if isinstance(u, bool) or not isinstance(u, int) or u < 1]
+    if bad:
+        raise UsageError(f"--costs {', '.join(bad)}: UNITS must be a positive integer")
     missing = [m for m in clouds if m not in costs]
     if missing:
         raise UsageError(

@@ -204,3 +204,19 @@ def test_random_mix_and_policy_curve() -> None:
     assert np.allclose(mix["quality"], [0.0, 0.5, 1.0])
     oracle = policy_curve(true, true, [0, 1, 3], [0.0, 0.5, 1.5])
     assert np.allclose(oracle["quality"], [0.0, 0.5, 1.0]) and np.allclose(oracle["cost"], [0.0, 0.5, 1.5])
+
+
+EVALMI = Path(__file__).resolve().parents[2] / "shared" / "data" / "quality" / "evalmi50k_dev.csv"
+
+
+@pytest.mark.skipif(not EVALMI.is_file(), reason="../shared/data (EvalMi-50K) is not available")
+def test_evalmi_nmodel_data_and_oracle_headroom() -> None:
+    """The issue's premise on the dev file: per-prompt choice among tiers has value at 1 unit per prompt."""
+    from routet2i.training.nmodel_eval import policy_curve, random_mix_curve
+    from routet2i.training.tables import nmodel_data, read_table
+
+    data = nmodel_data(read_table(EVALMI), "evalmi50k", "sd_v2-1", ["sdxl_base_1", "sd3_5_large"])
+    assert data.quality.shape == (1590, 3) and data.models == ["sd_v2-1", "sdxl_base_1", "sd3_5_large"]
+    oracle = policy_curve(data.quality, data.quality, [0, 1, 3], [1.0])
+    mix = random_mix_curve(data.quality, [0, 1, 3], [1.0])
+    assert oracle["cost"][0] <= 1.0 and oracle["quality"][0] > mix["quality"][0] + 0.03

@@ -91,12 +91,15 @@ def export_router(
     exporter: str = "auto",
     sign_key: PathLike | None = None,
     timing_runs: int | None = None,
+    costs: dict[str, int] | None = None,
+    budget: float | None = None,
 ) -> Any:
     """Export the router folder ``router`` (from `train_router`) to a validated ONNX router bundle at
     ``out`` (what the device's ``EdgeClient(router=...)`` loads), as ``routet2i export router`` does:
     ``target_rate`` picks the default alpha from the calibration table (default 0.3), ``exporter``
     "auto" | "torchscript" | "dynamo", ``sign_key`` an Ed25519 private key (PEM) to sign the manifest,
-    ``timing_runs`` the ONNX Runtime runs per exporter for the latency comparison (default 20). Returns
+    ``timing_runs`` the ONNX Runtime runs per exporter for the latency comparison (default 20), ``costs``
+    {cloud model: units per image} and ``budget`` (N-model routers) as ``--costs`` / ``--budget``. Returns
     the `routet2i.export.router.RouterExportResult` (``.bundle``, ``.exporter``, ``.routing``); a bundle
     whose ONNX outputs do not match torch raises ``ExportValidationError`` and leaves nothing behind."""
     from routet2i.export.router import RouterExportConfig
@@ -109,6 +112,8 @@ def export_router(
         force=force,
         exporter=exporter,
         sign_key=None if sign_key is None else Path(sign_key),
+        costs=None if costs is None else {str(k): int(v) for k, v in costs.items()},
+        budget=budget,
     )
     if timing_runs is not None:
         config.timing_runs = timing_runs
