@@ -214,7 +214,7 @@ def _nmodel_sections() -> list[str]:
             "| budget | router | "
             + " | ".join(f"only {c}" for c in nm["models"][1:])
             + " | random mix | oracle | router - best single |",
-            "|---" * (len(nm["models"]) + 5) + "|",
+            "|---" * (len(nm["models"]) + 4) + "|",
         ]
         for b, row in nm["at_budget"].items():
 
