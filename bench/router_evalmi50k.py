@@ -119,6 +119,61 @@ def calibration_check(pair, variant: str, feats, folds: int, seeds: int, rates=(
     }
 
 
+def nmodel_budget_check(folds: int, seeds: int, budgets=(0.5, 1.0, 1.5)) -> dict:
+    """Issue 14: the exported budget table on prompts outside the training file. Per outer fold, what
+    `routet2i train` + `export router --costs sdxl_base_1=1,sd3_5_large=3` do on the training part (fit,
+    5-fold out-of-fold model_scores, budget_table), then lambda interpolated in the table at the budget and
+    applied to the held-out fold: its spend and quality (also for the table of edge vs sd3_5_large only)."""
+    from routet2i.export.router import budget_table, choose
+    from routet2i.training.evaluate import folds_by_text
+    from routet2i.training.multitask import (
+        MultiTaskConfig,
+        fit_and_calibrate,
+        layer_mean,
+        pooled_layer_states,
+        predict_model_scores,
+    )
+    from routet2i.training.tables import nmodel_data, read_table
+
+    data = nmodel_data(read_table(TABLE), "evalmi50k", EDGE, ["sdxl_base_1", "sd3_5_large"])
+    pair, true = data.pair, data.quality
+    costs = np.array([0, 1, 3])
+    x = layer_mean(pooled_layer_states(pair.prompts))
+    cfg = MultiTaskConfig(
+        metrics=list(pair.metrics),
+        hidden_size=int(x.shape[1]),
+        models=data.models,
+        model_columns=data.columns,
+    )
+    policies = {"router": np.array([1, 1, 1], bool), "only_sd3_5_large": np.array([1, 0, 1], bool)}
+    acc = {p: {b: {"cost": np.zeros(len(pair)), "q": np.zeros(len(pair))} for b in budgets} for p in policies}
+    out: dict = {}
+    t0 = time.time()
+    for s in range(seeds):
+        fold_id = folds_by_text(pair.prompts, folds, s)
+        for f in range(folds):
+            test, train = np.flatnonzero(fold_id == f), np.flatnonzero(fold_id != f)
+            oof: list = []
+            module, _, _ = fit_and_calibrate(x, pair, train, cfg, 100 * s + f, nmodel=data, oof_scores=oof)
+            pred = predict_model_scores(module, x[test])
+            for name, allowed in policies.items():
+                sub = np.where(allowed[None, :], oof[0], -1e9)  # a model left out never wins
+                table = budget_table(sub, np.where(allowed, costs, 1))
+                bs, ls = [r["budget"] for r in table], [r["lambda"] for r in table]
+                for b in budgets:
+                    lam = float(np.interp(b, bs, ls))
+                    pick = choose(pred, costs, lam, np.repeat(allowed[None, :], len(test), 0))
+                    acc[name][b]["cost"][test] = costs[pick]
+                    acc[name][b]["q"][test] = true[test, pick]
+            print(f"seed {s} fold {f}: {time.time() - t0:.0f} s", flush=True)
+        for name in policies:
+            for b in budgets:
+                row = out.setdefault(name, {}).setdefault(f"{b:g}", {"spend": [], "quality": []})
+                row["spend"].append(float(acc[name][b]["cost"].mean()))
+                row["quality"].append(float(acc[name][b]["q"].mean()))
+    return {"folds": folds, "seeds": seeds, "held_out": out, "seconds": round(time.time() - t0, 1)}
+
+
 def main() -> int:
     from routet2i.training.multitask import VARIANTS, pooled_layer_states
 
@@ -131,9 +186,24 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--learning-curve", default=None, metavar="VARIANT", help="Delta P against training size")
     ap.add_argument("--calibration", default=None, metavar="VARIANT", help="measure the calibration instead")
+    ap.add_argument(
+        "--nmodel-budget-check",
+        action="store_true",
+        help="issue 14: the exported budget table on held-out prompts",
+    )
     args = ap.parse_args()
     if not TABLE.is_file():
         print(f"skipped: {TABLE} is not there", file=sys.stderr)
+        return 0
+    if args.nmodel_budget_check:
+        r = nmodel_budget_check(args.folds, args.seeds)
+        path = REPO / "docs" / "results" / "evalmi50k_nmodel_budget_check.json"
+        path.write_text(json.dumps(r, indent=1) + "\n")
+        for name, rows in r["held_out"].items():
+            for b, v in rows.items():
+                print(
+                    f"{name} budget {b}: held-out spend {np.mean(v['spend']):.3f}, quality {np.mean(v['quality']):.3f}"
+                )
         return 0
     pair = load(args.cloud)
     feats = pooled_layer_states(pair.prompts)
