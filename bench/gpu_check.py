@@ -390,6 +390,8 @@ def section_unet(entry: dict[str, Any], report: Report, prep: subprocess.Popen, 
             if isinstance(res.get(k), dict):
                 res[k]["ratio_vs_torch"] = round(res[k]["p50_ms"] / torch_ms, 3)
     entry["tensorrt"] = _trt_unet(work, feeds, ref, runs, report, args)
+    if any(r.get("status") == "error" for r in [*entry["ort"].values(), entry["tensorrt"]]):
+        entry["status"] = "failed"
 
 
 def _ort_unet(path: Path, provider: str, feeds, ref, runs: int, ort, OrtModel) -> dict[str, Any]:
@@ -399,7 +401,7 @@ def _ort_unet(path: Path, provider: str, feeds, ref, runs: int, ort, OrtModel) -
     res: dict[str, Any] = {"status": "ok", "provider": provider}
     t0 = time.perf_counter()
     try:
-        model = OrtModel(path, providers=[provider], config=SessionConfig())
+        model = OrtModel(path, providers=[provider], config=SessionConfig(graph_cache=False))
     except Exception as exc:
         res.update(status="skipped" if provider == "CPUExecutionProvider" else "error",
                    why=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")  # fmt: skip
@@ -526,6 +528,8 @@ def section_bundles(entry: dict[str, Any], report: Report, work: Path, args) -> 
               f"{im['max_abs_diff_vs_torch_fp32']:.2e} (atol {im['atol']}), finite {im['finite']}, black "
               f"{im['black']} on {edge.providers[0]} -> {res['status']}", flush=True)  # fmt: skip
         report.write()
+    if any(v["status"] in ("failed", "error") for v in entry["variants"].values()):
+        entry["status"] = "failed"
 
 
 def _validate_graphs(pipe, bundle: Path, provider: str) -> dict[str, Any]:
@@ -834,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     statuses = {n: s["status"] for n, s in report.data["sections"].items()}
     print(f"report: {args.out / 'gpu_check.md'}; sections: {statuses}", flush=True)
-    return 1 if "error" in statuses.values() else 0
+    return 1 if {"error", "failed"} & set(statuses.values()) else 0
 
 
 if __name__ == "__main__":
