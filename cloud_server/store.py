@@ -319,28 +319,24 @@ class QuotaStore(ABC):
         """Run `fn(cursor)` in one write transaction. A transaction that fails with a lost connection is run
         once more on a fresh connection when `retry` (every ledger transaction is idempotent); a store
         fault after that is `StoreUnavailable`."""
-        attempts = 2 if retry and self._retry_errors else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                with self._write(device_id) as cur:
-                    return fn(cur)
-            except self._retry_errors as e:
-                if attempt < attempts and not isinstance(e, self._no_retry_errors):
-                    logger.warning("quota store connection lost (%s); retrying once", _first_line(e))
-                    continue
-                raise StoreUnavailable(detail=f"--db {self.url}: {_first_line(e)}") from e
-            except Exception as e:
-                if self._is_fault(e):
-                    raise StoreUnavailable(detail=f"--db {self.url}: {_first_line(e)}") from e
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def once() -> T:
+            with self._write(device_id) as cur:
+                return fn(cur)
+
+        return self._retrying(once, retry)
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
         """One read-only statement (retried once on a lost connection)."""
-        attempts = 2 if self._retry_errors else 1
+        return self._retrying(lambda: self._read_once(sql, params), True)
+
+    def _retrying(self, once: Callable[[], T], retry: bool) -> T:
+        """`once()`, run a second time after a lost connection when `retry`; store faults (after the retry)
+        become `StoreUnavailable` naming --db."""
+        attempts = 2 if retry and self._retry_errors else 1
         for attempt in range(1, attempts + 1):
             try:
-                return self._read_once(sql, params)
+                return once()
             except self._retry_errors as e:
                 if attempt < attempts and not isinstance(e, self._no_retry_errors):
                     logger.warning("quota store connection lost (%s); retrying once", _first_line(e))
