@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import fields, replace
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from routet2i.paths import atomic_write
+from routet2i.paths import atomic_path, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -341,12 +340,20 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.tight_layout()
+    return save_figure(fig, path, "png")
+
+
+def save_figure(fig: Any, path: str | Path, fmt: str | None = None) -> Path:
+    """Write a matplotlib figure atomically (``routet2i.paths.atomic_path``) and close it. ``fmt``: the
+    image format; None takes it from the path's suffix."""
+    import matplotlib.pyplot as plt
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format=fmt or out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out
 
 

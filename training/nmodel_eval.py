@@ -170,9 +170,6 @@ def evaluate_nmodel(
 
 def plot_nmodel(report: dict[str, Any], path) -> None:
     """PNG of combined quality against average cost per prompt for every policy."""
-    import os
-    from pathlib import Path
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,9 +187,6 @@ def plot_nmodel(report: dict[str, Any], path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}{out.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    from routet2i.training.evaluate import save_figure
+
+    save_figure(fig, path)
