@@ -552,8 +552,6 @@ def _run_multitask(args: argparse.Namespace, pair, weights: np.ndarray, cfg: Tra
     """The default router: fit on every prompt; calibrate on out-of-fold predictions of the whole file."""
     import time
 
-    from routet2i.training.calibration import calibration_table
-    from routet2i.training.model import save_router
     from routet2i.training.multitask import (
         CALIBRATION_FOLDS,
         MultiTaskConfig,
@@ -585,8 +583,24 @@ def _run_multitask(args: argparse.Namespace, pair, weights: np.ndarray, cfg: Tra
 
     with torch_threads(1), threadpool_limits(1):
         module, oof, n_folds = fit_and_calibrate(x, pair, idx, mcfg, args.seed, CALIBRATION_FOLDS)
-    table = calibration_table(oof)
-    out = save_router(
+    out = _save_multitask(args, module, pair, weights, cfg, oof, n_folds, t0)
+    print(
+        f"trained multitask on {len(pair)} prompts of {pair.dataset} ({pair.edge_model} -> {pair.cloud_model}), "
+        f"{module.config.n_outputs} targets from {len(pair.all_models or [])} models, calibrated on "
+        f"{n_folds}-fold out-of-fold predictions, {time.perf_counter() - t0:.0f} s; wrote {out}"
+    )
+    return 0
+
+
+def _save_multitask(args, module, pair, weights, cfg: TrainConfig, oof, n_folds: int, t0: float, extra=None):
+    """save_router for a multitask router (pair or N-model): calibration table from the out-of-fold
+    predictions `oof`; `extra`: more metadata (the N-model keys)."""
+    import time
+
+    from routet2i.training.calibration import calibration_table
+    from routet2i.training.model import save_router
+
+    return save_router(
         args.out,
         module,
         module.config,
@@ -598,31 +612,24 @@ def _run_multitask(args: argparse.Namespace, pair, weights: np.ndarray, cfg: Tra
         edge_model=pair.edge_model,
         cloud_model=pair.cloud_model,
         dataset=pair.dataset,
-        calibration=table,
+        calibration=calibration_table(oof),
         extra={
             "seed": args.seed,
             "n_train": len(pair),
             "n_calibration": len(pair),
             "calibration_source": f"out-of-fold predictions, {n_folds} folds by text",
             "auxiliary_models": list(pair.all_models or []),
+            **(extra or {}),
             "train_seconds": round(time.perf_counter() - t0, 1),
         },
     )
-    print(
-        f"trained multitask on {len(pair)} prompts of {pair.dataset} ({pair.edge_model} -> {pair.cloud_model}), "
-        f"{module.config.n_outputs} targets from {len(pair.all_models or [])} models, calibrated on "
-        f"{n_folds}-fold out-of-fold predictions, {time.perf_counter() - t0:.0f} s; wrote {out}"
-    )
-    return 0
 
 
 def _run_nmodel(args: argparse.Namespace, pair, weights: np.ndarray, cfg: TrainConfig) -> int:
     """N-model router: the pair router of (edge, first cloud model) plus model_scores of every model."""
     import time
 
-    from routet2i.training.calibration import calibration_table
     from routet2i.training.evaluate import torch_threads
-    from routet2i.training.model import save_router
     from routet2i.training.multitask import CALIBRATION_FOLDS, fit_and_calibrate
     from routet2i.training.tables import nmodel_data, read_table
     from threadpoolctl import threadpool_limits
@@ -643,33 +650,14 @@ def _run_nmodel(args: argparse.Namespace, pair, weights: np.ndarray, cfg: TrainC
         module, oof, n_folds = fit_and_calibrate(
             x, pair, idx, mcfg, args.seed, CALIBRATION_FOLDS, nmodel=data, oof_scores=oof_scores
         )
-    out = save_router(
-        args.out,
-        module,
-        module.config,
-        args.backbone,
-        method="multitask",
-        metrics=list(pair.metrics),
-        weights=[float(w) for w in weights],
-        gamma=cfg.gamma,
-        edge_model=pair.edge_model,
-        cloud_model=pair.cloud_model,
-        dataset=pair.dataset,
-        calibration=calibration_table(oof),
-        extra={
-            "seed": args.seed,
-            "n_train": len(pair),
-            "n_calibration": len(pair),
-            "calibration_source": f"out-of-fold predictions, {n_folds} folds by text",
-            "auxiliary_models": list(pair.all_models or []),
-            "models": list(data.models),
-            "cloud_models": list(data.models[1:]),
-            "model_metric_sd": [float(v) for v in data.metric_sd],
-            # out-of-fold predicted model_scores of every training prompt: the budget table's source
-            "oof_model_scores": [[float(v) for v in row] for row in oof_scores[0]],
-            "train_seconds": round(time.perf_counter() - t0, 1),
-        },
-    )
+    nmodel_extra = {
+        "models": list(data.models),
+        "cloud_models": list(data.models[1:]),
+        "model_metric_sd": [float(v) for v in data.metric_sd],
+        # out-of-fold predicted model_scores of every training prompt: the budget table's source
+        "oof_model_scores": [[float(v) for v in row] for row in oof_scores[0]],
+    }
+    out = _save_multitask(args, module, pair, weights, cfg, oof, n_folds, t0, nmodel_extra)
     print(
         f"trained an N-model multitask router on {len(pair)} prompts of {pair.dataset} "
         f"({', '.join(data.models)}), calibrated on {n_folds}-fold out-of-fold predictions, "
