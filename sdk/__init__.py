@@ -14,12 +14,19 @@ __all__ = [
     "AsyncEdgeClient",
     "BundleError",
     "BundleFileMissing",
+    "ClientConfig",
+    "CloudConfig",
     "CloudError",
     "CloudRejected",
+    "CloudRequest",
+    "CloudResult",
     "CloudUnavailable",
     "EdgeClient",
     "GenerateResult",
     "GenerationCancelled",
+    "GenerationConfig",
+    "LogConfig",
+    "PolicyConfig",
     "ProgressEvent",
     "QuotaExhausted",
     "RouteDecision",
@@ -39,15 +46,23 @@ if TYPE_CHECKING:  # pragma: no cover
         UsageError,
     )
     from routet2i.client import AsyncEdgeClient, EdgeClient, GenerateResult, RouteDecision
+    from routet2i.cloud_client import CloudRequest, CloudResult
+    from routet2i.config import ClientConfig, CloudConfig, GenerationConfig, LogConfig, PolicyConfig
     from routet2i.progress import ProgressEvent
 
 # Exported lazily (PEP 562): `import routet2i` stays light; onnxruntime, grpc, PIL load on first use. The
-# error types and ProgressEvent import nothing heavy.
+# error types, the config sections and ProgressEvent import nothing heavy.
 _LAZY = {
     "EdgeClient": "routet2i.client",
     "AsyncEdgeClient": "routet2i.client",
     "GenerateResult": "routet2i.client",
     "RouteDecision": "routet2i.client",
+    "CloudRequest": "routet2i.cloud_client",
+    "CloudResult": "routet2i.cloud_client",
+    **{
+        name: "routet2i.config"
+        for name in ("ClientConfig", "CloudConfig", "GenerationConfig", "LogConfig", "PolicyConfig")
+    },
     "ProgressEvent": "routet2i.progress",
     **{
         name: "routet2i._errors"

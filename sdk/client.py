@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import io
 import logging
 import math
 import random
@@ -31,24 +30,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from routet2i._errors import GenerationCancelled, UsageError
-from routet2i.config import ClientConfig, load_config
+from routet2i._errors import CloudError, CloudUnavailable, GenerationCancelled, QuotaExhausted, UsageError
+from routet2i.config import FLAT_FIELDS, SECTIONS, ClientConfig, load_config
 from routet2i.decision_log import DecisionLog
-from routet2i.policy import (
-    Decision,
-    DeviceState,
-    LocalOnlyRules,
-    QuotaInfo,
-    RoutingPolicy,
-    exhaustion_end,
-)
+from routet2i.policy import Decision, DeviceState, QuotaInfo, RoutingPolicy, exhaustion_end
 from routet2i.progress import ProgressEvent
 from routet2i.seed import SEED_MAX, check_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     import grpc
     from PIL import Image
-    from routet2i.cloud_client import CloudClient
+    from routet2i.cloud_client import CloudClient, CloudRequest
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +225,47 @@ def _round(x: float) -> float:
     return round(float(x), 6)
 
 
+@dataclass
+class _Call:
+    """One `EdgeClient.generate` call's arguments, checked and completed from the config (`_check_inputs`)."""
+
+    prompt: str
+    negative: str  # negative prompt
+    steps: int | None  # num_inference_steps; None: the pipeline's / server's default
+    guidance: float | None  # guidance_scale; None: the default
+    width: int | None
+    height: int | None
+    seed: int  # the first image's seed (drawn when not given)
+    n_images: int  # num_images_per_prompt
+    force: str | None
+    local_only: bool
+    models: list[str] | None
+    progress: Callable[[ProgressEvent], None] | None
+    cancel: threading.Event | None
+    deadline_s: float | None  # the cloud time budget of this call; None: the config's
+    strict: bool
+    request_id: str  # idempotency key (image i > 0 in the cloud: "<request_id>-<i>")
+
+    def seeds(self) -> list[int]:
+        """Image i's seed: seed + i (mod 2**64)."""
+        return [(int(self.seed) + i) % (_MAX_SEED + 1) for i in range(self.n_images)]
+
+
+@dataclass
+class _Outcome:
+    """Where a `generate` call's images come from and what they cost, filled in step by step."""
+
+    route: str  # "edge" | "cloud": the decision's, then "edge" after a cloud failure
+    reason: str  # as GenerateResult.reason
+    seeds: list[int]  # each image's seed (the cloud's answer when it generated them)
+    timings: dict[str, float]  # seconds: route, queue, generate, network (and total at the end)
+    quota: QuotaInfo | None  # the last quota known
+    cloud_error: str | None = None  # why the cloud did not deliver
+    attempts: int = 0  # cloud RPC attempts
+    model: str = ""  # what generated the images
+    images: list[Any] = field(default_factory=list)
+
+
 class EdgeClient:
     """Routes prompts between the device and the cloud. Thread-safe; edge generations run one at a time."""
 
@@ -256,13 +289,12 @@ class EdgeClient:
         if config is None:
             given = {"router": _as_path(router), "edge": _as_path(edge), "cloud": cloud, "token": token}
             given["target_cloud_rate"] = target_cloud_rate
-            known = set(ClientConfig.__dataclass_fields__)
+            known = set(FLAT_FIELDS) | set(SECTIONS)
             bad = sorted(set(options) - known)
             if bad:
                 raise UsageError(f"unknown EdgeClient option(s) {bad}; allowed: {', '.join(sorted(known))}")
-            config = ClientConfig(
-                **{k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()}, **options
-            )
+            given = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
+            config = ClientConfig(**given, **options)
         elif any(v is not None for v in (cloud, token, target_cloud_rate)) or options:
             raise UsageError("pass either config=... or the individual options, not both")
         self.config = config
@@ -296,57 +328,22 @@ class EdgeClient:
             self.edge = EdgePipeline(
                 config.edge,
                 providers=config.providers,
-                scheduler=config.scheduler,
+                scheduler=config.generation.scheduler,
                 check_hashes=config.check_hashes,
                 trusted_keys=config.trusted_keys,
             )
         self.state = DeviceState(
-            config.resolved_state_file(),
-            cloud_key=_cloud_key(config.cloud, config.token),
-            keep_s=config.pacing_window_s,
+            config.log.resolved_state_file(),
+            cloud_key=_cloud_key(config.cloud.endpoint, config.cloud.token),
+            keep_s=config.policy.pacing_window_s,
         )
-        self.policy = RoutingPolicy(
-            routing,
-            config.target_cloud_rate,
-            pacing=config.pacing,
-            pacing_window_s=config.pacing_window_s,
-            pacing_min_requests=config.pacing_min_requests,
-            pacing_min_span_s=config.pacing_min_span_s,
-            calibration=config.calibration,
-            calibration_window=config.calibration_window,
-            local_only=LocalOnlyRules(config.local_only_patterns, config.local_only_keywords),
-            state=self.state,
-            rng=self._rng,
-            budget=config.budget,
-        )
-        self.decisions = DecisionLog(config.resolved_decision_log(), config.log_prompts)
+        self.policy = RoutingPolicy.from_config(routing, config.policy, state=self.state, rng=self._rng)
+        self.decisions = DecisionLog(config.log.resolved_decision_log(), config.log.log_prompts)
         self.cloud: CloudClient | None = None
-        if config.cloud:
-            from routet2i.cloud_client import CircuitBreaker, CloudClient
+        if config.cloud.endpoint:
+            from routet2i.cloud_client import CloudClient
 
-            self.cloud = CloudClient(
-                config.cloud,
-                config.token,
-                tls=config.tls,
-                ca_cert=config.ca_cert,
-                client_cert=config.client_cert,
-                client_key=config.client_key,
-                deadline_s=config.deadline_s,
-                attempt_timeout_s=config.attempt_timeout_s,
-                retries=config.retries,
-                backoff_initial_s=config.backoff_initial_s,
-                backoff_max_s=config.backoff_max_s,
-                breaker=CircuitBreaker(config.breaker_failures, config.breaker_reset_s),
-                interceptors=cloud_interceptors,
-                rng=self._rng,
-            )
-        if self.cloud is not None and not config.token:
-            logger.warning(
-                "cloud endpoint %s configured without a device token: the cloud will refuse requests "
-                "(export %s=...)",
-                config.cloud,
-                config.token_env,
-            )
+            self.cloud = CloudClient.from_config(config.cloud, interceptors=cloud_interceptors, rng=self._rng)
         self._router_version = str((routing or {}).get("router_version", ""))
         # the edge model's name: from the bundle (EdgePipeline.model_name: the exported model), else the
         # bundle folder's name, else the ready pipeline object's class name, else the router's edge model
@@ -371,7 +368,7 @@ class EdgeClient:
             "EdgeClient ready: router=%s edge=%s cloud=%s target_cloud_rate=%s",
             config.router,
             config.edge,
-            config.cloud,
+            config.cloud.endpoint,
             self.policy.target_rate,
         )
 
@@ -401,8 +398,6 @@ class EdgeClient:
         """Ask the cloud for the device's quota now (not charged); None when it cannot be reached."""
         if self.cloud is None:
             return None
-        from routet2i.cloud_client import CloudError
-
         self._quota_checked = time.time()
         try:
             q = self.cloud.get_quota(timeout=timeout)
@@ -414,14 +409,14 @@ class EdgeClient:
 
     def _maybe_refresh_quota(self, now: float) -> None:
         """Pacing needs R: fetch it when unknown or from a finished period, at most every few minutes."""
-        if not (self.config.pacing and self.cloud is not None and self.policy.target_rate):
+        if not (self.config.policy.pacing and self.cloud is not None and self.policy.target_rate):
             return
         q = self.state.quota
         if q is not None and q.current(now):
             return
         if now - self._quota_checked < _QUOTA_REFRESH_S or not self.cloud.available:
             return
-        self.refresh_quota(timeout=min(5.0, self.config.deadline_s))
+        self.refresh_quota(timeout=min(5.0, self.config.cloud.deadline_s))
 
     # --- generation
 
@@ -610,12 +605,60 @@ class EdgeClient:
         ``strict``, the error is raised. ``models`` and ``force`` (a model's name too) as in `route`; an
         N-model router's cloud choice is sent as the request's model and charged at its cost.
         """
-        cfg = self.config
-        steps = num_inference_steps if num_inference_steps is not None else cfg.num_inference_steps
-        guidance = guidance_scale if guidance_scale is not None else cfg.guidance_scale
-        width = width if width is not None else cfg.width
-        height = height if height is not None else cfg.height
-        negative = negative_prompt if negative_prompt is not None else cfg.negative_prompt
+        call = self._check_inputs(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            width=width,
+            height=height,
+            seed=seed,
+            force=force,
+            local_only=local_only,
+            progress=progress,
+            deadline_s=deadline_s,
+            strict=strict,
+            cancel=cancel,
+            num_images_per_prompt=num_images_per_prompt,
+            models=models,
+        )
+        t_start = time.perf_counter()
+        decision, scores, out = self._route(call)
+        self._refuse_decided_fallback(call, decision, out)
+        if out.route == "cloud":
+            self._cloud_attempt(call, decision, out)
+        if not out.images:  # the edge: decided, or a fallback
+            self._edge_run(call, decision, out)
+        out.timings["total"] = time.perf_counter() - t_start
+        return self._result(call, decision, scores, out)
+
+    def _check_inputs(
+        self,
+        prompt: Any,
+        *,
+        negative_prompt: Any,
+        num_inference_steps: Any,
+        guidance_scale: Any,
+        width: Any,
+        height: Any,
+        seed: Any,
+        force: Any,
+        local_only: bool,
+        progress: Any,
+        deadline_s: Any,
+        strict: Any,
+        cancel: Any,
+        num_images_per_prompt: Any,
+        models: Any,
+    ) -> _Call:
+        """`generate`'s arguments, completed from the config's [generation] defaults, checked (a
+        `UsageError` naming the argument), with a request id and, when not given, a random seed."""
+        gen = self.config.generation
+        steps = num_inference_steps if num_inference_steps is not None else gen.num_inference_steps
+        guidance = guidance_scale if guidance_scale is not None else gen.guidance_scale
+        width = width if width is not None else gen.width
+        height = height if height is not None else gen.height
+        negative = negative_prompt if negative_prompt is not None else gen.negative_prompt
         self._check_args(prompt, seed, steps, guidance, width, height, force)
         if deadline_s is not None and (
             isinstance(deadline_s, bool)
@@ -630,210 +673,210 @@ class EdgeClient:
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise UsageError(f"cancel={cancel!r}: must be a threading.Event (or None)")
         if strict is None:
-            strict = cfg.strict
+            strict = self.config.policy.strict
         elif not isinstance(strict, bool):
             raise UsageError(f"strict={strict!r}: must be True, False or None (the config's)")
         request_id = uuid.uuid4().hex
         if seed is None:
             seed = self._rng.randint(0, _MAX_SEED)
-        t_start = time.perf_counter()
+        return _Call(
+            prompt=prompt, negative=negative, steps=steps, guidance=guidance, width=width, height=height,
+            seed=seed, n_images=n_images, force=force, local_only=local_only, models=models,
+            progress=progress, cancel=cancel, deadline_s=deadline_s, strict=strict, request_id=request_id,
+        )  # fmt: skip
 
-        cloud_allowed, allowed = self._allowed(models)
+    def _route(self, call: _Call) -> tuple[Decision, list[float], _Outcome]:
+        """The routing decision (router, pacing, overrides; `_decide`) and the outcome it starts."""
+        cloud_allowed, allowed = self._allowed(call.models)
         decision, scores, t_route = self._decide(
-            prompt, self._norm_force(force), local_only, cloud_allowed, allowed
+            call.prompt, self._norm_force(call.force), call.local_only, cloud_allowed, allowed
         )
-        prs = decision.prs
-        route, reason = decision.route, decision.reason
-        timings = {"route": t_route, "queue": 0.0, "generate": 0.0, "network": 0.0}
-        model = ""
-        attempts = 0
-        cloud_error = decision.details.get("cause")  # e.g. "circuit breaker open": decided without a call
-        quota = self.state.quota
+        out = _Outcome(
+            route=decision.route,
+            reason=decision.reason,
+            seeds=call.seeds(),
+            timings={"route": t_route, "queue": 0.0, "generate": 0.0, "network": 0.0},
+            quota=self.state.quota,
+            cloud_error=decision.details.get("cause"),  # e.g. "circuit breaker open": decided without a call
+        )
+        return decision, scores, out
 
-        if strict and route == "edge" and reason in ("quota_exhausted", "cloud_unavailable"):
-            from routet2i.cloud_client import CloudUnavailable, QuotaExhausted
+    def _refuse_decided_fallback(self, call: _Call, decision: Decision, out: _Outcome) -> None:
+        """strict: a wanted cloud route the decision already keeps on the edge (quota exhausted, cloud
+        unavailable) raises the `CloudError`, logged as a failed decision."""
+        if (
+            not call.strict
+            or out.route != "edge"
+            or out.reason not in ("quota_exhausted", "cloud_unavailable")
+        ):
+            return
+        exhausted = out.reason == "quota_exhausted"
+        cause = out.cloud_error or ("quota exhausted" if exhausted else "cloud unavailable")
+        self._log(
+            call.request_id, call.prompt, out.route, out.reason, decision, out.timings, out.quota, call.seed,
+            cause, failed=True,
+        )  # fmt: skip
+        err_type = QuotaExhausted if exhausted else CloudUnavailable
+        raise err_type(f"{cause} (strict: no fallback to the edge)", request_id=call.request_id)
 
-            cause = cloud_error or ("quota exhausted" if reason == "quota_exhausted" else "cloud unavailable")
-            self._log(request_id, prompt, route, reason, decision, timings, quota, seed, cause, failed=True)
-            err_type = QuotaExhausted if reason == "quota_exhausted" else CloudUnavailable
-            raise err_type(f"{cause} (strict: no fallback to the edge)", request_id=request_id)
-
-        seeds = [(int(seed) + i) % (_MAX_SEED + 1) for i in range(n_images)]
-        images: list[Any] = []
-        if route == "cloud":
-            assert self.cloud is not None
-            from routet2i.cloud_client import CloudError, QuotaExhausted
-
-            cb = None
-            if (progress is not None or cancel is not None) and cfg.stream:
-
-                def cb(step: int, total: int) -> None:
-                    _check_cancel(cancel)
-                    if progress is not None:
-                        progress(ProgressEvent("cloud", step, total, request_id))
-
-            t_cloud = time.perf_counter()
-            try:
-                for i, seed_i in enumerate(seeds):  # one request per image (each its own idempotency key)
-                    req = self._cloud_request(
-                        request_id if i == 0 else f"{request_id}-{i}",
-                        prompt, negative, steps, guidance, width, height, seed_i, decision,
-                    )  # fmt: skip
-                    try:
-                        call = self.cloud.generate(
-                            req,
-                            on_progress=cb,
-                            deadline_s=deadline_s,
-                            model=decision.model if self._nmodel else None,
-                        )
-                    except CloudError as exc:
-                        attempts += exc.attempts
-                        if n_images > 1:
-                            exc.args = (f"image {i + 1} of {n_images}: {exc}", *exc.args[1:])
-                        raise
-                    resp = call.response
-                    from PIL import Image
-
-                    image = Image.open(io.BytesIO(resp.image_png))
-                    image.load()
-                    images.append(image)
-                    attempts += call.attempts
-                    model = resp.model
-                    seeds[i] = int(resp.seed)
-                    timings["queue"] += resp.queue_seconds
-                    timings["generate"] += resp.generate_seconds
-                    timings["network"] += call.network_seconds
-                    if resp.HasField("quota"):
-                        from routet2i.cloud_client import quota_from_proto
-
-                        quota = quota_from_proto(resp.quota)
-                        self.state.set_quota(quota)
-            except CloudError as exc:
-                timings["network"] = time.perf_counter() - t_cloud
-                images = []
-                timings["queue"] = timings["generate"] = 0.0
-                if isinstance(exc, QuotaExhausted):
-                    self._remember_exhaustion(exc)
-                    quota = self.state.quota
-                if strict:
-                    self._log(
-                        request_id, prompt, "cloud", exc.reason, decision, timings, quota, seed, str(exc),
-                        failed=True,
-                    )  # fmt: skip
-                    raise
-                route, reason, cloud_error = "edge", exc.reason, str(exc)
-                seeds = [(int(seed) + i) % (_MAX_SEED + 1) for i in range(n_images)]
-                logger.warning("cloud failed, generating on the edge: %s", exc)
-
-        if not images:  # the edge: decided, or a fallback
-            try:
-                if self.edge is None:
-                    if cloud_error is not None:
-                        raise ConnectionError(f"no edge bundle configured to fall back on: {cloud_error}")
-                    raise UsageError("no edge bundle configured: pass edge=... (or force='cloud')")
-                images, t_queue, t_gen = self._edge_generate(
-                    request_id, prompt, negative, steps, guidance, width, height, seeds[0], progress, cancel,
-                    n_images,
-                )  # fmt: skip
-            except BaseException:  # logged as a failed decision, then raised
+    def _cloud_attempt(self, call: _Call, decision: Decision, out: _Outcome) -> None:
+        """Generate every image in the cloud. A `CloudError` is raised (strict, logged as a failed decision)
+        or turns ``out`` to the edge with the cause; a quota exhaustion is remembered either way."""
+        t_cloud = time.perf_counter()
+        try:
+            self._cloud_images(call, decision, out)
+        except CloudError as exc:
+            out.images = []
+            out.timings.update(network=time.perf_counter() - t_cloud, queue=0.0, generate=0.0)
+            if isinstance(exc, QuotaExhausted):
+                self._remember_exhaustion(exc)
+                out.quota = self.state.quota
+            if call.strict:
                 self._log(
-                    request_id,
-                    prompt,
-                    route,
-                    reason,
-                    decision,
-                    timings,
-                    quota,
-                    seed,
-                    cloud_error,
-                    failed=True,
-                )
+                    call.request_id, call.prompt, "cloud", exc.reason, decision, out.timings, out.quota,
+                    call.seed, str(exc), failed=True,
+                )  # fmt: skip
                 raise
-            timings["queue"] += t_queue
-            timings["generate"] = t_gen
-            model = self._edge_name
-        timings["total"] = time.perf_counter() - t_start
-        timings = {k: _round(v) for k, v in timings.items()}
-        image = images[0]
-        keep_prompt = cfg.save_prompt and reason != "local_only"
+            out.route, out.reason, out.cloud_error = "edge", exc.reason, str(exc)
+            out.seeds = call.seeds()
+            logger.warning("cloud failed, generating on the edge: %s", exc)
+
+    def _cloud_images(self, call: _Call, decision: Decision, out: _Outcome) -> None:
+        """One cloud request per image (each its own idempotency key), added to ``out`` as they arrive."""
+        assert self.cloud is not None
+        on_progress = self._cloud_progress(call)
+        for i, seed in enumerate(list(out.seeds)):
+            request = self._cloud_request(call, decision, i, seed)
+            try:
+                got = self.cloud.generate(request, on_progress=on_progress, deadline_s=call.deadline_s)
+            except CloudError as exc:
+                out.attempts += exc.attempts
+                if call.n_images > 1:
+                    exc.args = (f"image {i + 1} of {call.n_images}: {exc}", *exc.args[1:])
+                raise
+            out.images.append(got.image)
+            out.attempts += got.attempts
+            out.model = got.model
+            out.seeds[i] = got.seed
+            out.timings["queue"] += got.queue_seconds
+            out.timings["generate"] += got.generate_seconds
+            out.timings["network"] += got.network_seconds
+            if got.quota is not None:
+                out.quota = got.quota
+                self.state.set_quota(got.quota)
+
+    def _cloud_progress(self, call: _Call) -> Callable[[int, int], None] | None:
+        """The cloud stream's callback: progress events and the cancel check (None: no stream needed)."""
+        if (call.progress is None and call.cancel is None) or not self.config.cloud.stream:
+            return None
+
+        def on_progress(step: int, total: int) -> None:
+            _check_cancel(call.cancel)
+            if call.progress is not None:
+                call.progress(ProgressEvent("cloud", step, total, call.request_id))
+
+        return on_progress
+
+    def _cloud_request(self, call: _Call, decision: Decision, index: int, seed: int) -> CloudRequest:
+        from routet2i.cloud_client import CloudRequest
+
+        return CloudRequest(
+            request_id=call.request_id if index == 0 else f"{call.request_id}-{index}",
+            prompt=call.prompt,
+            negative_prompt=call.negative,
+            num_inference_steps=call.steps,
+            guidance_scale=call.guidance,
+            width=call.width,
+            height=call.height,
+            seed=seed,
+            model=decision.model if self._nmodel else None,  # an N-model router's choice, charged its cost
+            prs=decision.prs,
+            alpha=decision.alpha,
+            router_version=self._router_version,
+            reason=decision.reason,
+        )
+
+    def _edge_run(self, call: _Call, decision: Decision, out: _Outcome) -> None:
+        """Generate every image on the device; a failure is logged as a failed decision, then raised."""
+        try:
+            if self.edge is None:
+                if out.cloud_error is not None:
+                    raise ConnectionError(f"no edge bundle configured to fall back on: {out.cloud_error}")
+                raise UsageError("no edge bundle configured: pass edge=... (or force='cloud')")
+            images, t_queue, t_gen = self._edge_generate(call, out.seeds[0])
+        except BaseException:
+            self._log(
+                call.request_id, call.prompt, out.route, out.reason, decision, out.timings, out.quota,
+                call.seed, out.cloud_error, failed=True,
+            )  # fmt: skip
+            raise
+        out.images = images
+        out.timings["queue"] += t_queue
+        out.timings["generate"] = t_gen
+        out.model = self._edge_name
+
+    def _result(self, call: _Call, decision: Decision, scores: list[float], out: _Outcome) -> GenerateResult:
+        """The `GenerateResult`, and its line in the decision log."""
+        timings = {k: _round(v) for k, v in out.timings.items()}
+        image = out.images[0]
+        keep_prompt = self.config.log.save_prompt and out.reason != "local_only"
         result = GenerateResult(
             image=image,
-            route=route,
-            reason=reason,
-            prs=prs,
+            route=out.route,
+            reason=out.reason,
+            prs=decision.prs,
             alpha=decision.alpha,
             timings=timings,
-            quota=quota.to_dict() if quota is not None else None,
-            seed=int(seeds[0]),
-            request_id=request_id,
+            quota=out.quota.to_dict() if out.quota is not None else None,
+            seed=int(out.seeds[0]),
+            request_id=call.request_id,
             width=image.width,
             height=image.height,
-            model=model,
+            model=out.model,
             target_rate=decision.target_rate,
             paced_rate=decision.paced_rate,
-            cloud_attempts=attempts,
-            cloud_error=cloud_error,
+            cloud_attempts=out.attempts,
+            cloud_error=out.cloud_error,
             metric_scores=scores,
-            images=list(images),
-            seeds=[int(x) for x in seeds],
-            prompt=prompt if keep_prompt else None,
-            cost=(decision.cost if route == "cloud" else 0.0) if self._nmodel else None,
+            images=list(out.images),
+            seeds=[int(x) for x in out.seeds],
+            prompt=call.prompt if keep_prompt else None,
+            cost=(decision.cost if out.route == "cloud" else 0.0) if self._nmodel else None,
         )
-        self._log(request_id, prompt, route, reason, decision, timings, quota, seed, cloud_error)
+        self._log(
+            call.request_id, call.prompt, out.route, out.reason, decision, timings, out.quota, call.seed,
+            out.cloud_error,
+        )  # fmt: skip
         return result
 
     def _remember_exhaustion(self, exc: Any) -> None:
         """A QuotaExhausted answer: keep the quota and when the exhaustion ends (routes stay on the edge)."""
-        from routet2i.cloud_client import CloudError
-
         assert self.cloud is not None
         q = exc.quota
         if q is None:  # QuotaFailure carries no period end: ask (free) so the device knows how long
             with contextlib.suppress(CloudError):
-                q = self.cloud.get_quota(timeout=min(2.0, self.config.deadline_s))
+                q = self.cloud.get_quota(timeout=min(2.0, self.config.cloud.deadline_s))
         if q is not None:
             self.state.set_quota(q)
         known = self.state.quota
         end = known.period_end_unix if known is not None and known.current(time.time()) else 0
         self.state.mark_exhausted(exhaustion_end(end, time.time()))
 
-    def _cloud_request(self, request_id, prompt, negative, steps, guidance, width, height, seed, decision):
-        from routet2i.cloud.v1 import cloud_pb2
-
-        req = cloud_pb2.GenerateRequest(
-            request_id=request_id,
-            prompt=prompt,
-            negative_prompt=negative or "",
-            width=width or 0,
-            height=height or 0,
-            num_inference_steps=steps or 0,
-            seed=seed,
-            routing=cloud_pb2.RoutingInfo(
-                predicted_prs=decision.prs if decision.prs is not None else 0.0,
-                alpha=decision.alpha if decision.alpha is not None and math.isfinite(decision.alpha) else 0.0,
-                router_version=self._router_version,
-                reason=decision.reason,
-            ),
-        )
-        if guidance is not None:
-            req.guidance_scale = float(guidance)
-        return req
-
-    def _edge_generate(
-        self, request_id, prompt, negative, steps, guidance, width, height, seed, progress, cancel=None, n=1
-    ):
+    def _edge_generate(self, call: _Call, seed: int) -> tuple[list[Any], float, float]:
         """Run the edge pipeline under the device lock: (images, queue seconds, generate seconds)."""
-        kwargs: dict[str, Any] = {"negative_prompt": negative or None, "seed": seed}
-        if steps is not None:
-            kwargs["num_inference_steps"] = steps
-        if guidance is not None:
-            kwargs["guidance_scale"] = guidance
-        if width is not None:
-            kwargs["width"] = width
-        if height is not None:
-            kwargs["height"] = height
+        kwargs: dict[str, Any] = {"negative_prompt": call.negative or None, "seed": seed}
+        if call.steps is not None:
+            kwargs["num_inference_steps"] = call.steps
+        if call.guidance is not None:
+            kwargs["guidance_scale"] = call.guidance
+        if call.width is not None:
+            kwargs["width"] = call.width
+        if call.height is not None:
+            kwargs["height"] = call.height
+        n = call.n_images
         if n > 1:  # only then, so a ready pipeline object without the argument still serves one image
             kwargs["num_images_per_prompt"] = n
+        progress, cancel, request_id = call.progress, call.cancel, call.request_id
         if progress is not None or cancel is not None:
 
             def on_step(step: int, total: int, *_: Any) -> None:
@@ -846,7 +889,7 @@ class EdgeClient:
         with self._edge_lock:
             t1 = time.perf_counter()
             _check_cancel(cancel)  # cancelled while waiting for the device
-            out = self.edge(prompt, **kwargs)
+            out = self.edge(call.prompt, **kwargs)
         images = list(out) if n > 1 else [out]
         if len(images) != n:
             raise RuntimeError(

@@ -8,33 +8,43 @@
   calls fail at once (no network) for ``reset_s``; then one trial call is let through (half-open).
 - RESOURCE_EXHAUSTED with a ``google.rpc.QuotaFailure`` detail is `QuotaExhausted`; any other error maps to
   `CloudUnavailable` (reason ``cloud_unavailable``) or `CloudRejected` (reason ``cloud_error``).
+- It speaks the SDK's own types: a `CloudRequest` in, a `CloudResult` (a decoded image, the quota as a
+  `CloudQuota`) out. The protobuf messages are built and read here and nowhere else on the device.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
+import math
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from routet2i._errors import CloudError, CloudRejected, CloudUnavailable, QuotaExhausted  # noqa: F401 - re-exported
 from routet2i.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 from routet2i.policy import QuotaInfo
 
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+    from routet2i.config import CloudConfig
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CircuitBreaker",
-    "CloudCall",
     "CloudClient",
     "CloudError",
     "CloudQuota",
     "CloudRejected",
+    "CloudRequest",
+    "CloudResult",
     "CloudUnavailable",
     "QuotaExhausted",
     "parse_quota_failure",
@@ -135,18 +145,39 @@ class CircuitBreaker:
 
 
 @dataclass
-class CloudCall:
+class CloudRequest:
+    """One image to generate in the cloud (`CloudClient.generate`). None: the server's default."""
+
+    request_id: str  # idempotency key: a retry reuses it, and the server charges it once
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None  # None: the server picks one (and returns it in `CloudResult.seed`)
+    model: str | None = None  # a served model's name (`CloudQuota.models`); None or "": the default
+    # why the device sends it (the operator's analytics); None: no router
+    prs: float | None = None  # the router's PRS^
+    alpha: float | None = None  # the threshold in force (an infinite alpha is sent as 0)
+    router_version: str = ""
+    reason: str = ""  # the routing reason: router, forced, ...
+
+
+@dataclass
+class CloudResult:
     """A successful cloud generation and what it cost."""
 
-    response: cloud_pb2.GenerateResponse  # the server's answer (PNG bytes, seed, quota, server timings)
+    request_id: str  # the request's idempotency key
+    image: Image.Image  # the decoded image
+    seed: int  # the seed it was generated with
+    model: str  # the served model that generated it
+    queue_seconds: float  # waiting in the server's queue
+    generate_seconds: float  # generating on the server
+    network_seconds: float  # the rest of the call: network, retries and backoff
     attempts: int  # RPC attempts made (1 = no retry)
-    wall_seconds: float  # whole call, retries and backoff included
-
-    @property
-    def network_seconds(self) -> float:
-        """Wall time not spent queueing or generating on the server."""
-        r = self.response
-        return max(0.0, self.wall_seconds - r.queue_seconds - r.generate_seconds)
+    units_charged: int  # quota units this call charged (the model's cost; 0 on a free replay)
+    quota: CloudQuota | None  # the device's quota after the call, when the server sent it
 
 
 @dataclass
@@ -211,6 +242,51 @@ def parse_quota_failure(err: grpc.RpcError) -> tuple[bool, QuotaInfo | None, str
     return found, quota, subject
 
 
+def _request_to_proto(req: CloudRequest) -> cloud_pb2.GenerateRequest:
+    alpha = req.alpha if req.alpha is not None and math.isfinite(req.alpha) else 0.0
+    pb = cloud_pb2.GenerateRequest(
+        request_id=req.request_id,
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt or "",
+        width=req.width or 0,
+        height=req.height or 0,
+        num_inference_steps=req.num_inference_steps or 0,
+        model=req.model or "",
+        routing=cloud_pb2.RoutingInfo(
+            predicted_prs=req.prs if req.prs is not None else 0.0,
+            alpha=alpha,
+            router_version=req.router_version,
+            reason=req.reason,
+        ),
+    )
+    if req.seed is not None:
+        pb.seed = int(req.seed)
+    if req.guidance_scale is not None:
+        pb.guidance_scale = float(req.guidance_scale)
+    return pb
+
+
+def _result_from_proto(
+    resp: cloud_pb2.GenerateResponse, request_id: str, attempts: int, wall_seconds: float
+) -> CloudResult:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(resp.image_png))
+    image.load()
+    return CloudResult(
+        request_id=request_id,
+        image=image,
+        seed=int(resp.seed),
+        model=resp.model,
+        queue_seconds=resp.queue_seconds,
+        generate_seconds=resp.generate_seconds,
+        network_seconds=max(0.0, wall_seconds - resp.queue_seconds - resp.generate_seconds),
+        attempts=attempts,
+        units_charged=int(resp.units_charged),
+        quota=quota_from_proto(resp.quota) if resp.HasField("quota") else None,
+    )
+
+
 class CloudClient:
     """Synchronous client of `routet2i.cloud.v1.CloudGeneration` with retries and a circuit breaker."""
 
@@ -269,6 +345,39 @@ class CloudClient:
         self._raw_channel = channel
         self._stub = cloud_pb2_grpc.CloudGenerationStub(self._channel)
 
+    @classmethod
+    def from_config(
+        cls,
+        config: CloudConfig,
+        *,
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor | grpc.UnaryStreamClientInterceptor] = (),
+        rng: random.Random | None = None,
+    ) -> CloudClient:
+        """The client a ``[cloud]`` section (`routet2i.config.CloudConfig`) describes; its endpoint must be set."""
+        if not config.token:
+            logger.warning(
+                "cloud endpoint %s configured without a device token: the cloud will refuse requests "
+                "(export %s=...)",
+                config.endpoint,
+                config.token_env,
+            )
+        return cls(
+            str(config.endpoint or ""),
+            config.token,
+            tls=config.tls,
+            ca_cert=config.ca_cert,
+            client_cert=config.client_cert,
+            client_key=config.client_key,
+            deadline_s=config.deadline_s,
+            attempt_timeout_s=config.attempt_timeout_s,
+            retries=config.retries,
+            backoff_initial_s=config.backoff_initial_s,
+            backoff_max_s=config.backoff_max_s,
+            breaker=CircuitBreaker(config.breaker_failures, config.breaker_reset_s),
+            interceptors=interceptors,
+            rng=rng,
+        )
+
     def close(self) -> None:
         self._raw_channel.close()
 
@@ -309,23 +418,36 @@ class CloudClient:
 
     def generate(
         self,
-        request: cloud_pb2.GenerateRequest,
+        request: CloudRequest,
         *,
         on_progress: Callable[[int, int], None] | None = None,
         deadline_s: float | None = None,
         model: str | None = None,
-    ) -> CloudCall:
+    ) -> CloudResult:
         """Generate in the cloud; raises a `CloudError` subclass when no image comes back.
 
         ``on_progress(step, total_steps)`` switches to GenerateStream. ``deadline_s`` overrides the client's
         total budget for this call. ``model`` names a served model (`get_quota().models`; it costs that many
-        quota units); None keeps ``request.model`` (empty: the server's default model).
+        quota units); None keeps ``request.model`` (None or empty: the server's default model).
         """
+        if not isinstance(request, CloudRequest):
+            raise TypeError(
+                f"request: expected a routet2i.cloud_client.CloudRequest, got {type(request).__name__}"
+            )
         if model is not None:
-            request = cloud_pb2.GenerateRequest.FromString(request.SerializeToString())
-            request.model = model
+            request = dataclasses.replace(request, model=model)
         if not request.request_id:
             raise ValueError("request.request_id is empty: every cloud request needs an idempotency key")
+        response, attempts, wall_seconds = self._call(_request_to_proto(request), on_progress, deadline_s)
+        return _result_from_proto(response, request.request_id, attempts, wall_seconds)
+
+    def _call(
+        self,
+        request: cloud_pb2.GenerateRequest,
+        on_progress: Callable[[int, int], None] | None,
+        deadline_s: float | None,
+    ) -> tuple[cloud_pb2.GenerateResponse, int, float]:
+        """(response, attempts, wall seconds): the attempts of one request within the deadline, retried."""
         rid = request.request_id
         if not self.breaker.allow():
             raise CloudUnavailable(
@@ -371,7 +493,7 @@ class CloudClient:
                 self.breaker.release()
                 raise
             self.breaker.success()
-            return CloudCall(response, attempt + 1, time.monotonic() - start)
+            return response, attempt + 1, time.monotonic() - start
         self.breaker.failure()
         cause = describe_rpc_error(last_code, last_details) if last_code else "deadline spent before a call"
         raise CloudUnavailable(

@@ -55,27 +55,41 @@ def default_state_dir() -> Path:
     return Path(base) / "routet2i"
 
 
-@dataclass
-class ClientConfig:
-    """Everything `EdgeClient` needs. Field names are the TOML keys (inside the section given in
-    ``_SECTIONS``) and, upper-cased after ``ROUTET2I_``, the environment variables."""
+def _check_seconds(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{name}={value!r}: must be a positive number of seconds")
 
-    # --- bundles (top level of the TOML)
-    router: str | None = None  # router bundle folder (`routet2i export router`)
-    edge: str | None = None  # edge bundle folder (`routet2i export edge`)
-    providers: list[Any] | None = None  # ONNX Runtime providers (names or [name, {options}]), best first;
-    # None: the best available of TensorRT -> CUDA -> CPU
-    check_hashes: str = "first"  # bundle sha256 check: "first" (re-hash only files changed since they last
-    # matched; a hash cache in the user cache dir), "always", "never" (sizes only)
-    trusted_keys: list[str] | None = None  # Ed25519 public-key PEM files; set: unsigned or wrongly signed
-    # bundles are refused (the signature is checked at every launch, whatever check_hashes says)
-    # --- [cloud]
-    cloud: str | None = None  # "host:port" of the cloud endpoint; None: edge only
+
+def _check_count(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UsageError(f"{name}={value!r}: must be an integer >= {low}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise UsageError(f"{name}={value!r}: must be true or false")
+
+
+def _check_strings(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{name}={value!r}: must be a list of strings")
+
+
+@dataclass(eq=False)
+class CloudConfig:
+    """``[cloud]``: the endpoint and how `routet2i.cloud_client.CloudClient` talks to it.
+
+    Compatibility with the flat field it replaces (``ClientConfig.cloud`` was the endpoint string): a
+    `CloudConfig` is true when an endpoint is set and compares equal to its endpoint string."""
+
+    endpoint: str | None = None  # "host:port" of the cloud endpoint; None: edge only (TOML `endpoint`,
+    # environment ROUTET2I_CLOUD, EdgeClient(cloud=...))
     tls: bool = False  # TLS channel (system roots unless ca_cert is set)
     ca_cert: str | None = None  # PEM file with the CA that signed the server's certificate
     client_cert: str | None = None  # PEM client certificate for mTLS (with client_key)
     client_key: str | None = None  # PEM client key for mTLS
-    token: str | None = None  # bearer token; from the environment (token_env) only, never from the file
+    token: str | None = field(default=None, repr=False)  # bearer token; from the environment (token_env)
+    # only, never from the file
     token_env: str = DEFAULT_TOKEN_ENV  # environment variable holding the token
     deadline_s: float = 120.0  # total time budget of one cloud generation, retries included
     attempt_timeout_s: float | None = None  # per-attempt timeout; None: whatever is left of the deadline
@@ -85,7 +99,38 @@ class ClientConfig:
     breaker_failures: int = 1  # consecutive failed calls that open the circuit breaker
     breaker_reset_s: float = 30.0  # how long the breaker stays open before one trial call
     stream: bool = True  # use GenerateStream (progress events) when a progress callback is given
-    # --- [policy]
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UsageError naming the field, its value and what is allowed."""
+        for name in ("deadline_s", "backoff_initial_s", "backoff_max_s", "breaker_reset_s"):
+            _check_seconds(name, getattr(self, name))
+        if self.attempt_timeout_s is not None and not self.attempt_timeout_s > 0:
+            raise UsageError(f"attempt_timeout_s={self.attempt_timeout_s!r}: must be > 0 or unset")
+        _check_count("retries", self.retries, 0)
+        _check_count("breaker_failures", self.breaker_failures, 1)
+        if (self.client_cert is None) != (self.client_key is None):
+            raise UsageError("client_cert and client_key: give both (mTLS) or neither")
+
+    def __bool__(self) -> bool:
+        return bool(self.endpoint)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return self.endpoint == other
+        if isinstance(other, CloudConfig):
+            return dataclasses.astuple(self) == dataclasses.astuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment] - mutable
+
+
+@dataclass
+class PolicyConfig:
+    """``[policy]``: how `routet2i.policy.RoutingPolicy` decides (`RoutingPolicy.from_config`)."""
+
     target_cloud_rate: float | None = None  # wanted share of cloud generations; None: the bundle's default
     budget: float | None = None  # average cloud cost units per prompt; with one cloud model of cost 1 the
     # same number as target_cloud_rate (its alias here: give either, or both equal). With several cloud
@@ -103,130 +148,70 @@ class ClientConfig:
     # instead of generating on the edge; generate(strict=...) overrides it per call
     local_only_patterns: list[str] = field(default_factory=list)  # regexes: a match keeps the prompt local
     local_only_keywords: list[str] = field(default_factory=list)  # words (case-insensitive, whole word)
-    # --- [log]
-    decision_log: str | None = None  # JSONL decision log; None: <state dir>/decisions.jsonl; "": off
-    log_prompts: bool = False  # write prompt text into the decision log
-    save_prompt: bool = True  # `GenerateResult.save` writes the prompt into the image's metadata; false:
-    # never (a local-only prompt is never written there either)
-    state_file: str | None = None  # pacing + quota state; None: <state dir>/state.json; "": in memory only
-    # --- [generation] defaults for generate() arguments left unset
-    num_inference_steps: int | None = None  # None: the edge bundle's / server's default
-    guidance_scale: float | None = None  # None: the pipeline default
-    width: int | None = None  # None: the pipeline default
-    height: int | None = None  # None: the pipeline default
-    negative_prompt: str = ""  # default negative prompt
-    scheduler: str | None = None  # edge denoising scheduler: "dpm++", "ddim", "euler", "pndm" (alias
-    # "pnm", "plms"); None: the edge bundle's own (scheduler_config.json). The cloud uses its own.
 
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> None:  # noqa: C901 - one flat list of checks
-        """Raise UsageError naming the field, its value and what is allowed."""
-        if (
-            self.target_cloud_rate is not None
-            and not (self.budget is not None and self.target_cloud_rate == self.budget)
-            and not (
-                isinstance(self.target_cloud_rate, (int, float)) and 0.0 <= self.target_cloud_rate <= 1.0
-            )
-        ):
-            raise UsageError(f"target_cloud_rate={self.target_cloud_rate!r}: must be a number in [0, 1]")
-        if self.budget is not None:
-            if isinstance(self.budget, bool) or not (
-                isinstance(self.budget, (int, float)) and 0.0 <= self.budget < float("inf")
-            ):
-                raise UsageError(
-                    f"budget={self.budget!r}: must be a finite number >= 0 (average cloud cost units per "
-                    "prompt; at most the router's one cloud model's cost, or its dearest model's)"
-                )
-            if self.target_cloud_rate is not None and self.target_cloud_rate != self.budget:
-                raise UsageError(
-                    f"budget={self.budget!r} and target_cloud_rate={self.target_cloud_rate!r}: the same "
-                    "setting (budget is its alias); give one"
-                )
-            self.target_cloud_rate = self.budget
-        if not isinstance(self.strict, bool):
-            raise UsageError(f"strict={self.strict!r}: must be true or false")
+    def validate(self) -> None:
+        """Raise UsageError naming the field, its value and what is allowed; budget fills target_cloud_rate."""
+        self._check_rate_and_budget()
+        _check_bool("strict", self.strict)
         if self.calibration not in ("online", "static"):
             raise UsageError(f"calibration={self.calibration!r}: must be 'online' or 'static'")
-        if (
-            isinstance(self.calibration_window, bool)
-            or not isinstance(self.calibration_window, int)
-            or self.calibration_window < 1
-        ):
-            raise UsageError(f"calibration_window={self.calibration_window!r}: must be an integer >= 1")
+        _check_count("calibration_window", self.calibration_window, 1)
         if self.pacing_min_span_s is not None and (
             not isinstance(self.pacing_min_span_s, (int, float))
             or not math.isfinite(self.pacing_min_span_s)
             or self.pacing_min_span_s < 0
         ):
             raise UsageError(f"pacing_min_span_s={self.pacing_min_span_s!r}: must be seconds >= 0 or unset")
-        for name in (
-            "deadline_s",
-            "backoff_initial_s",
-            "backoff_max_s",
-            "breaker_reset_s",
-            "pacing_window_s",
+        _check_seconds("pacing_window_s", self.pacing_window_s)
+        _check_count("pacing_min_requests", self.pacing_min_requests, 0)
+        _check_strings("local_only_patterns", self.local_only_patterns)
+        _check_strings("local_only_keywords", self.local_only_keywords)
+
+    def _check_rate_and_budget(self) -> None:
+        rate, budget = self.target_cloud_rate, self.budget
+        if (
+            rate is not None
+            and not (budget is not None and rate == budget)
+            and not (isinstance(rate, (int, float)) and 0.0 <= rate <= 1.0)
         ):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise UsageError(f"{name}={value!r}: must be a positive number of seconds")
-        if self.attempt_timeout_s is not None and not self.attempt_timeout_s > 0:
-            raise UsageError(f"attempt_timeout_s={self.attempt_timeout_s!r}: must be > 0 or unset")
-        for name in ("retries", "pacing_min_requests"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise UsageError(f"{name}={value!r}: must be an integer >= 0")
-        if not isinstance(self.breaker_failures, int) or self.breaker_failures < 1:
-            raise UsageError(f"breaker_failures={self.breaker_failures!r}: must be an integer >= 1")
-        if (self.client_cert is None) != (self.client_key is None):
-            raise UsageError("client_cert and client_key: give both (mTLS) or neither")
-        for name in ("local_only_patterns", "local_only_keywords"):
-            value = getattr(self, name)
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise UsageError(f"{name}={value!r}: must be a list of strings")
-        if self.scheduler is not None and (
-            not isinstance(self.scheduler, str) or self.scheduler.lower() not in SCHEDULER_NAMES
+            raise UsageError(f"target_cloud_rate={rate!r}: must be a number in [0, 1]")
+        if budget is None:
+            return
+        if isinstance(budget, bool) or not (
+            isinstance(budget, (int, float)) and 0.0 <= budget < float("inf")
         ):
             raise UsageError(
-                f"scheduler={self.scheduler!r}: unknown scheduler; allowed: {', '.join(SCHEDULER_NAMES)} "
-                "(or leave it unset for the edge bundle's own)"
+                f"budget={budget!r}: must be a finite number >= 0 (average cloud cost units per "
+                "prompt; at most the router's one cloud model's cost, or its dearest model's)"
             )
-        if self.scheduler is not None:
-            self.scheduler = {"pnm": "pndm"}.get(self.scheduler.lower(), self.scheduler.lower())
-        for name in ("save_prompt", "log_prompts"):
-            if not isinstance(getattr(self, name), bool):
-                raise UsageError(f"{name}={getattr(self, name)!r}: must be true or false")
-        if self.check_hashes not in ("first", "always", "never"):
-            raise UsageError(f"check_hashes={self.check_hashes!r}: allowed: first, always, never")
-        if self.trusted_keys is not None and (
-            not isinstance(self.trusted_keys, list) or not all(isinstance(k, str) for k in self.trusted_keys)
-        ):
+        if rate is not None and rate != budget:
             raise UsageError(
-                f"trusted_keys={self.trusted_keys!r}: must be a list of public-key PEM file paths"
+                f"budget={budget!r} and target_cloud_rate={rate!r}: the same "
+                "setting (budget is its alias); give one"
             )
-        if self.providers is not None:
-            ok = isinstance(self.providers, list)
-            norm: list[Any] = []
-            for p in self.providers if ok else ():
-                if isinstance(p, str):
-                    norm.append(p)
-                elif (
-                    isinstance(p, (list, tuple))
-                    and len(p) == 2
-                    and isinstance(p[0], str)
-                    and isinstance(p[1], dict)
-                ):
-                    norm.append(
-                        (p[0], dict(p[1]))
-                    )  # (name, provider options), e.g. TensorRT's trt_fp16_enable
-                else:
-                    ok = False
-            if not ok:
-                raise UsageError(
-                    f"providers={self.providers!r}: must be a list of provider names or [name, {{options}}] pairs"
-                )
-            self.providers = norm
+        self.target_cloud_rate = budget
+
+
+@dataclass
+class LogConfig:
+    """``[log]``: what the device writes down (decision log, pacing state, image metadata)."""
+
+    decision_log: str | None = None  # JSONL decision log; None: <state dir>/decisions.jsonl; "": off
+    log_prompts: bool = False  # write prompt text into the decision log
+    save_prompt: bool = True  # `GenerateResult.save` writes the prompt into the image's metadata; false:
+    # never (a local-only prompt is never written there either)
+    state_file: str | None = None  # pacing + quota state; None: <state dir>/state.json; "": in memory only
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UsageError naming the field, its value and what is allowed."""
+        _check_bool("save_prompt", self.save_prompt)
+        _check_bool("log_prompts", self.log_prompts)
 
     def resolved_decision_log(self) -> Path | None:
         if self.decision_log == "":
@@ -243,52 +228,187 @@ class ClientConfig:
         return Path(self.state_file).expanduser() if self.state_file else default_state_dir() / "state.json"
 
 
-# TOML section of each field (None: top level). Keys outside this map are rejected with the list.
-_SECTIONS: dict[str, str | None] = {
-    "router": None,
-    "edge": None,
-    "providers": None,
-    "check_hashes": None,
-    "trusted_keys": None,
-    "cloud": "cloud",
-    "tls": "cloud",
-    "ca_cert": "cloud",
-    "client_cert": "cloud",
-    "client_key": "cloud",
-    "token_env": "cloud",
-    "deadline_s": "cloud",
-    "attempt_timeout_s": "cloud",
-    "retries": "cloud",
-    "backoff_initial_s": "cloud",
-    "backoff_max_s": "cloud",
-    "breaker_failures": "cloud",
-    "breaker_reset_s": "cloud",
-    "stream": "cloud",
-    "target_cloud_rate": "policy",
-    "budget": "policy",
-    "calibration": "policy",
-    "calibration_window": "policy",
-    "pacing": "policy",
-    "pacing_min_requests": "policy",
-    "pacing_window_s": "policy",
-    "pacing_min_span_s": "policy",
-    "strict": "policy",
-    "local_only_patterns": "policy",
-    "local_only_keywords": "policy",
-    "decision_log": "log",
-    "log_prompts": "log",
-    "save_prompt": "log",
-    "state_file": "log",
-    "num_inference_steps": "generation",
-    "guidance_scale": "generation",
-    "width": "generation",
-    "height": "generation",
-    "negative_prompt": "generation",
-    "scheduler": "generation",
+@dataclass
+class GenerationConfig:
+    """``[generation]``: defaults for the `EdgeClient.generate` arguments left unset."""
+
+    num_inference_steps: int | None = None  # None: the edge bundle's / server's default
+    guidance_scale: float | None = None  # None: the pipeline default
+    width: int | None = None  # None: the pipeline default
+    height: int | None = None  # None: the pipeline default
+    negative_prompt: str = ""  # default negative prompt
+    scheduler: str | None = None  # edge denoising scheduler: "dpm++", "ddim", "euler", "pndm" (alias
+    # "pnm", "plms"); None: the edge bundle's own (scheduler_config.json). The cloud uses its own.
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UsageError naming the field, its value and what is allowed; "pnm" becomes "pndm"."""
+        if self.scheduler is None:
+            return
+        if not isinstance(self.scheduler, str) or self.scheduler.lower() not in SCHEDULER_NAMES:
+            raise UsageError(
+                f"scheduler={self.scheduler!r}: unknown scheduler; allowed: {', '.join(SCHEDULER_NAMES)} "
+                "(or leave it unset for the edge bundle's own)"
+            )
+        self.scheduler = {"pnm": "pndm"}.get(self.scheduler.lower(), self.scheduler.lower())
+
+
+# The sections of `ClientConfig`: attribute name = TOML section name.
+SECTIONS: dict[str, type] = {
+    "cloud": CloudConfig,
+    "policy": PolicyConfig,
+    "log": LogConfig,
+    "generation": GenerationConfig,
 }
+_TOP_LEVEL = ("router", "edge", "providers", "check_hashes", "trusted_keys")
+
+
+def _flat_fields() -> dict[str, tuple[str | None, str]]:
+    out: dict[str, tuple[str | None, str]] = {name: (None, name) for name in _TOP_LEVEL}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            flat = "cloud" if (section, f.name) == ("cloud", "endpoint") else f.name
+            out[flat] = (section, f.name)
+    return out
+
+
+# Flat option name -> (section or None for the top level, field in it). The flat names are the TOML keys
+# (the [cloud] endpoint is the flat `cloud`), the ROUTET2I_<NAME> variables and the EdgeClient keywords.
+FLAT_FIELDS: dict[str, tuple[str | None, str]] = _flat_fields()
+
+
+@dataclass(init=False)
+class ClientConfig:
+    """Everything `EdgeClient` needs, by section as in ``routet2i.toml``: the bundles at the top level, then
+    `cloud` (`CloudConfig`), `policy` (`PolicyConfig`), `log` (`LogConfig`), `generation`
+    (`GenerationConfig`).
+
+    The flat names still work: ``ClientConfig(target_cloud_rate=0.3, deadline_s=30)`` sets them in their
+    section (`FLAT_FIELDS`; over a section object given as well), and ``config.deadline_s`` reads (and
+    assignment writes) ``config.cloud.deadline_s``. ``cloud`` is the section; given as a string it is the
+    endpoint (``config.cloud.endpoint``), and the section compares equal to that string."""
+
+    router: str | None  # router bundle folder (`routet2i export router`)
+    edge: str | None  # edge bundle folder (`routet2i export edge`)
+    providers: list[Any] | None  # ONNX Runtime providers (names or [name, {options}]), best first;
+    # None: the best available of TensorRT -> CUDA -> CPU
+    check_hashes: str  # bundle sha256 check: "first" (re-hash only files changed since they last matched;
+    # a hash cache in the user cache dir), "always", "never" (sizes only)
+    trusted_keys: list[str] | None  # Ed25519 public-key PEM files; set: unsigned or wrongly signed bundles
+    # are refused (the signature is checked at every launch, whatever check_hashes says)
+    cloud: CloudConfig  # [cloud]
+    policy: PolicyConfig  # [policy]
+    log: LogConfig  # [log]
+    generation: GenerationConfig  # [generation]
+
+    def __init__(
+        self,
+        router: str | None = None,
+        edge: str | None = None,
+        providers: list[Any] | None = None,
+        check_hashes: str = "first",
+        trusted_keys: list[str] | None = None,
+        cloud: CloudConfig | str | None = None,
+        *,
+        policy: PolicyConfig | None = None,
+        log: LogConfig | None = None,
+        generation: GenerationConfig | None = None,
+        **flat: Any,
+    ) -> None:
+        unknown = sorted(set(flat) - set(FLAT_FIELDS))
+        if unknown:
+            raise TypeError(
+                f"ClientConfig: unknown option(s) {unknown}; allowed: {', '.join(sorted(FLAT_FIELDS))}"
+            )
+        values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        if cloud is None or isinstance(cloud, str):  # the endpoint, as the flat field was
+            if cloud is not None:
+                values["cloud"]["endpoint"] = cloud
+            cloud = None
+        for name, value in flat.items():
+            section, key = FLAT_FIELDS[name]
+            values[str(section)][key] = value
+        given = {"cloud": cloud, "policy": policy, "log": log, "generation": generation}
+        for name, cls in SECTIONS.items():
+            base = given[name]
+            if base is None:
+                base = cls(**values[name])
+            elif isinstance(base, cls):
+                base = dataclasses.replace(base, **values[name])  # a copy, validated again
+            else:
+                also = " or the endpoint 'host:port'" if name == "cloud" else ""
+                raise UsageError(f"{name}={base!r}: must be a {cls.__name__}{also}")
+            object.__setattr__(self, name, base)
+        self.router = router
+        self.edge = edge
+        self.providers = providers
+        self.check_hashes = check_hashes
+        self.trusted_keys = trusted_keys
+        self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached when normal lookup fails: a flat name of a section field (config.deadline_s)
+        section, key = FLAT_FIELDS.get(name, (None, ""))
+        if section is None or section not in self.__dict__:
+            raise AttributeError(f"'ClientConfig' object has no attribute {name!r}")
+        return getattr(self.__dict__[section], key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        section, key = FLAT_FIELDS.get(name, (None, ""))
+        if section is not None and not (name == "cloud" and isinstance(value, CloudConfig)):
+            setattr(getattr(self, section), key, value)  # config.strict = True -> config.policy.strict
+        else:
+            object.__setattr__(self, name, value)
+
+    def validate(self) -> None:
+        """Raise UsageError naming the field, its value and what is allowed (every section too)."""
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        if self.check_hashes not in ("first", "always", "never"):
+            raise UsageError(f"check_hashes={self.check_hashes!r}: allowed: first, always, never")
+        if self.trusted_keys is not None and (
+            not isinstance(self.trusted_keys, list) or not all(isinstance(k, str) for k in self.trusted_keys)
+        ):
+            raise UsageError(
+                f"trusted_keys={self.trusted_keys!r}: must be a list of public-key PEM file paths"
+            )
+        if self.providers is not None:
+            self.providers = _check_providers(self.providers)
+
+    def resolved_decision_log(self) -> Path | None:
+        return self.log.resolved_decision_log()
+
+    def resolved_state_file(self) -> Path | None:
+        return self.log.resolved_state_file()
+
+
+def _check_providers(providers: Any) -> list[Any]:
+    """Provider names and [name, {options}] pairs (e.g. TensorRT's trt_fp16_enable) -> names and tuples."""
+    ok = isinstance(providers, list)
+    norm: list[Any] = []
+    for p in providers if ok else ():
+        if isinstance(p, str):
+            norm.append(p)
+        elif (
+            isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], dict)
+        ):
+            norm.append((p[0], dict(p[1])))
+        else:
+            ok = False
+    if not ok:
+        raise UsageError(
+            f"providers={providers!r}: must be a list of provider names or [name, {{options}}] pairs"
+        )
+    return norm
+
+
+# TOML section of each flat field (None: top level). Keys outside this map are rejected with the list.
+_SECTIONS: dict[str, str | None] = {name: section for name, (section, _) in FLAT_FIELDS.items()}
 # Keys also accepted at the top level of the file (as well as in their section).
 _ALSO_TOP_LEVEL = frozenset({"scheduler"})
-# Inside [cloud] the endpoint is spelled `endpoint` (the field is `cloud`).
+# Inside [cloud] the endpoint is spelled `endpoint` (the flat field is `cloud`).
 _CLOUD_ENDPOINT_KEY = "endpoint"
 # Fields holding paths: relative values in a TOML file are relative to the file's folder.
 _PATH_FIELDS = ("router", "edge", "ca_cert", "client_cert", "client_key", "decision_log", "state_file")
@@ -392,14 +512,21 @@ def _parse_env(name: str, raw: str, f: dataclasses.Field) -> Any:
     return raw
 
 
+def _field(name: str) -> dataclasses.Field:
+    """The dataclass field behind a flat option name (for its declared type)."""
+    section, key = FLAT_FIELDS[name]
+    cls = ClientConfig if section is None else SECTIONS[section]
+    return next(f for f in dataclasses.fields(cls) if f.name == key)
+
+
 def _from_env(environ: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(ClientConfig):
-        if f.name in ("token", "token_env"):
+    for name in FLAT_FIELDS:
+        if name in ("token", "token_env"):
             continue
-        var = ENV_PREFIX + f.name.upper()
+        var = ENV_PREFIX + name.upper()
         if var in environ:
-            out[f.name] = _parse_env(f.name, environ[var], f)
+            out[name] = _parse_env(name, environ[var], _field(name))
     return out
 
 
@@ -427,7 +554,7 @@ def unknown_env_vars(environ: dict[str, str], token_env: str = DEFAULT_TOKEN_ENV
     ignored otherwise), with the setting it probably meant."""
     import difflib
 
-    fields = {f.name.upper() for f in dataclasses.fields(ClientConfig)} - {"TOKEN", "TOKEN_ENV"}
+    fields = {name.upper() for name in FLAT_FIELDS} - {"TOKEN", "TOKEN_ENV"}
     known = fields | OTHER_ENV
     out = []
     for var in sorted(environ):
@@ -460,7 +587,7 @@ def load_config(
         values.update(_flatten(_load_toml(p), p))
         logger.info("config: read %s", p)
     values.update(_from_env(env))
-    known = {f.name for f in dataclasses.fields(ClientConfig)}
+    known = set(FLAT_FIELDS)
     for key, value in overrides.items():
         if key not in known:
             raise UsageError(f"unknown config option {key!r}; allowed: {', '.join(sorted(known))}")
@@ -473,5 +600,5 @@ def load_config(
         values["token"] = env.get(token_env) or None
     try:
         return ClientConfig(**values)
-    except TypeError as exc:  # a wrongly typed value the dataclass could not take
+    except TypeError as exc:  # a wrongly typed value a section could not take
         raise UsageError(f"bad config: {exc}") from None

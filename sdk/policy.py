@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from routet2i._errors import UsageError
 from routet2i.alpha_table import alpha_at_rate, table_rows
@@ -44,6 +44,9 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: threads are locked, processes are not
     fcntl = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from routet2i.config import PolicyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -660,6 +663,32 @@ class RoutingPolicy:
         self.local_only = local_only or LocalOnlyRules()
         self.state = state or DeviceState(None)
         self._rng = rng or random.Random()
+
+    @classmethod
+    def from_config(
+        cls,
+        routing: dict[str, Any] | None,
+        config: PolicyConfig,
+        *,
+        state: DeviceState | None = None,
+        rng: random.Random | None = None,
+    ) -> RoutingPolicy:
+        """The policy a ``[policy]`` section (`routet2i.config.PolicyConfig`) describes, for ``routing``
+        (the router bundle's routing.json; None: no router)."""
+        return cls(
+            routing,
+            config.target_cloud_rate,
+            pacing=config.pacing,
+            pacing_window_s=config.pacing_window_s,
+            pacing_min_requests=config.pacing_min_requests,
+            pacing_min_span_s=config.pacing_min_span_s,
+            calibration=config.calibration,
+            calibration_window=config.calibration_window,
+            local_only=LocalOnlyRules(config.local_only_patterns, config.local_only_keywords),
+            state=state,
+            rng=rng,
+            budget=config.budget,
+        )
 
     def paced_rate(self, now: float) -> tuple[float | None, float | None]:
         """(rho_t, M): the pacing target and the expected number of requests left in the period."""

@@ -304,7 +304,7 @@ def test_serve_two_models_from_the_command_line(sqlite_url):
 def test_sdk_cloud_client_picks_a_model_and_sees_costs(sqlite_url):
     """`routet2i.cloud_client.CloudClient`: get_quota() lists the served models and costs; generate(model=)
     charges that model's units; a QuotaExhausted says units; an unknown model is refused."""
-    from routet2i.cloud_client import CloudClient, CloudQuota, CloudRejected
+    from routet2i.cloud_client import CloudClient, CloudQuota, CloudRejected, CloudRequest
     from routet2i.cloud_client import QuotaExhausted as SdkQuotaExhausted
     from routet2i.policy import QuotaInfo
 
@@ -319,21 +319,19 @@ def test_sdk_cloud_client_picks_a_model_and_sees_costs(sqlite_url):
             assert (q.cost(), q.cost("big")) == (1, 3)
             with pytest.raises(KeyError, match="served: small, big"):
                 q.cost("huge")
-            req = request(request_id="s1")
+            req = CloudRequest(request_id="s1", prompt="a red fox in the snow")
             call = client.generate(req, model="big")
-            assert (call.response.model, call.response.units_charged, call.response.quota.used) == (
-                "big",
-                3,
-                3,
-            )
-            assert req.model == ""  # the caller's message is not changed
-            call = client.generate(request(request_id="s2", model="small"))  # the field itself works too
-            assert (call.response.model, call.response.quota.used) == ("small", 4)
+            assert (call.model, call.units_charged, call.quota.used) == ("big", 3, 3)
+            assert req.model is None  # the caller's request is not changed
+            call = client.generate(
+                CloudRequest(request_id="s2", prompt="p", model="small")
+            )  # the field works too
+            assert (call.model, call.quota.used) == ("small", 4)
             with pytest.raises(SdkQuotaExhausted, match="costs 3 units") as e:
-                client.generate(request(request_id="s3"), model="big")
+                client.generate(CloudRequest(request_id="s3", prompt="p"), model="big")
             assert e.value.quota is not None and e.value.quota.remaining == 0
             with pytest.raises(CloudRejected, match="served models: small, big"):
-                client.generate(request(request_id="s4"), model="huge")
+                client.generate(CloudRequest(request_id="s4", prompt="p"), model="huge")
     store.close()
 
 

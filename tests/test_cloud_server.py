@@ -403,12 +403,12 @@ def test_oversized_message_is_invalid_argument_naming_the_limit(serve):
 
 
 def test_oversized_prompt_reads_as_rejected_not_overloaded_in_the_sdk(serve):
-    from routet2i.cloud_client import CloudClient, CloudRejected
+    from routet2i.cloud_client import CloudClient, CloudRejected, CloudRequest
 
     srv, stub, token, store = serve()
     client = CloudClient(srv.address, token=token, deadline_s=10)
     with pytest.raises(CloudRejected) as e:
-        client.generate(request("x" * (2 << 20), request_id="big-sdk"))
+        client.generate(CloudRequest(request_id="big-sdk", prompt="x" * (2 << 20)))
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.reason == "cloud_error"
     assert e.value.attempts == 1  # not retried as if the cloud were overloaded
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import math
 import threading
 import time
 from concurrent import futures
@@ -11,16 +13,27 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from PIL import Image
 from routet2i.cloud.v1 import cloud_pb2, cloud_pb2_grpc
 from routet2i.cloud_client import (
     CircuitBreaker,
     CloudClient,
+    CloudQuota,
     CloudRejected,
+    CloudRequest,
+    CloudResult,
     CloudUnavailable,
     QuotaExhausted,
 )
+from routet2i.config import CloudConfig
 
 TOKEN = "tok-123"
+
+
+def _png(color=(200, 30, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class FakeCloud(cloud_pb2_grpc.CloudGenerationServicer):
@@ -31,7 +44,9 @@ class FakeCloud(cloud_pb2_grpc.CloudGenerationServicer):
         self.calls: list[str] = []  # request_id of every attempt
         self.metadata: list[dict] = []
         self.charged: set[str] = set()
+        self.requests: list[cloud_pb2.GenerateRequest] = []
         self.quota = quota
+        self.send_quota = True
         self.lock = threading.Lock()
 
     def _quota(self):
@@ -46,14 +61,18 @@ class FakeCloud(cloud_pb2_grpc.CloudGenerationServicer):
         )
 
     def _response(self, request):
-        return cloud_pb2.GenerateResponse(
-            image_png=b"\x89PNG fake", width=8, height=8, model="fake", seed=7, quota=self._quota(),
-            queue_seconds=0.01, generate_seconds=0.02,
+        resp = cloud_pb2.GenerateResponse(
+            image_png=_png(), width=8, height=8, model=request.model or "fake", seed=7, queue_seconds=0.01,
+            generate_seconds=0.02, units_charged=1,
         )  # fmt: skip
+        if self.send_quota:
+            resp.quota.CopyFrom(self._quota())
+        return resp
 
     def _handle(self, request, context):
         with self.lock:
             self.calls.append(request.request_id)
+            self.requests.append(request)
             self.metadata.append(dict(context.invocation_metadata()))
             action = self.script.pop(0) if self.script else "ok"
         if action == "unavailable":
@@ -110,7 +129,7 @@ def fake():
 
 
 def _req(rid="r1"):
-    return cloud_pb2.GenerateRequest(request_id=rid, prompt="a fox")
+    return CloudRequest(request_id=rid, prompt="a fox")
 
 
 def _client(target, **kw):
@@ -123,11 +142,76 @@ def test_ok_sends_bearer_token_and_reports_quota(fake):
     servicer, target = fake
     with _client(target) as c:
         call = c.generate(_req())
-        assert call.attempts == 1
-        assert call.response.quota.remaining == 9
+        assert isinstance(call, CloudResult) and call.attempts == 1
+        assert isinstance(call.quota, CloudQuota) and call.quota.remaining == 9
         assert servicer.metadata[0]["authorization"] == f"Bearer {TOKEN}"
         assert call.network_seconds >= 0
         assert c.get_quota().used == 1
+
+
+def test_request_translated_to_the_wire_and_the_answer_back(fake):
+    """The SDK's CloudRequest -> GenerateRequest (routing info, unset fields as the server's defaults), and
+    GenerateResponse -> CloudResult (a decoded image, the quota, the server's timings)."""
+    servicer, target = fake
+    req = CloudRequest(
+        request_id="t1", prompt="a fox", negative_prompt="blur", num_inference_steps=12, guidance_scale=6.5,
+        width=64, height=48, seed=2**64 - 1, model="big", prs=0.25, alpha=float("inf"),
+        router_version="v3", reason="forced",
+    )  # fmt: skip
+    with _client(target) as c:
+        got = c.generate(req)
+    pb = servicer.requests[0]
+    assert (pb.request_id, pb.prompt, pb.negative_prompt, pb.num_inference_steps) == (
+        "t1",
+        "a fox",
+        "blur",
+        12,
+    )
+    assert (pb.width, pb.height, pb.seed, pb.model) == (64, 48, 2**64 - 1, "big")
+    assert math.isclose(pb.guidance_scale, 6.5)
+    assert math.isclose(pb.routing.predicted_prs, 0.25) and pb.routing.alpha == 0.0  # inf: not sent
+    assert (pb.routing.router_version, pb.routing.reason) == ("v3", "forced")
+    assert isinstance(got.image, Image.Image) and got.image.size == (8, 8)
+    assert got.image.getpixel((0, 0)) == (200, 30, 10)
+    assert (got.request_id, got.seed, got.model, got.units_charged) == ("t1", 7, "big", 1)
+    assert (got.queue_seconds, got.generate_seconds) == (0.01, 0.02)
+    with _client(target) as c:
+        c.generate(CloudRequest(request_id="t2", prompt="x"))
+    pb = servicer.requests[1]
+    assert not pb.HasField("seed") and not pb.HasField("guidance_scale")  # the server picks
+    assert (pb.width, pb.height, pb.num_inference_steps, pb.model, pb.negative_prompt) == (0, 0, 0, "", "")
+
+
+def test_result_without_quota_and_model_override(fake):
+    servicer, target = fake
+    servicer.send_quota = False
+    req = _req()
+    with _client(target) as c:
+        got = c.generate(req, model="small")
+    assert got.quota is None and got.model == "small"
+    assert servicer.requests[0].model == "small" and req.model is None  # the caller's request unchanged
+
+
+def test_protobuf_request_refused_with_the_type_to_use(fake):
+    _, target = fake
+    with pytest.raises(TypeError, match="CloudRequest, got GenerateRequest"):
+        _client(target).generate(cloud_pb2.GenerateRequest(request_id="r", prompt="x"))
+
+
+def test_from_config_builds_the_client_of_a_cloud_section(fake, caplog):
+    servicer, target = fake
+    servicer.script = ["unavailable"] * 10
+    cfg = CloudConfig(endpoint=target, token=TOKEN, retries=1, deadline_s=5, breaker_failures=1,
+                      breaker_reset_s=60, backoff_initial_s=0.01)  # fmt: skip
+    with CloudClient.from_config(cfg) as c:
+        assert (c.target, c.retries, c.deadline_s, c.breaker.reset_s) == (target, 1, 5, 60)
+        with pytest.raises(CloudUnavailable) as info:
+            c.generate(_req())
+        assert info.value.attempts == 2 and not c.available
+    assert servicer.metadata[0]["authorization"] == f"Bearer {TOKEN}"
+    with caplog.at_level("WARNING", logger="routet2i.cloud_client"):
+        CloudClient.from_config(CloudConfig(endpoint=target)).close()
+    assert "without a device token" in caplog.text and "ROUTET2I_TOKEN" in caplog.text
 
 
 def test_retries_reuse_request_id_and_dropped_response_not_charged_twice(fake):
@@ -138,7 +222,7 @@ def test_retries_reuse_request_id_and_dropped_response_not_charged_twice(fake):
     assert call.attempts == 3
     assert servicer.calls == ["same-id"] * 3
     assert servicer.charged == {"same-id"}
-    assert call.response.quota.used == 1
+    assert call.quota.used == 1
 
 
 def test_gives_up_after_retries_and_breaker_fails_fast(fake):
@@ -220,7 +304,7 @@ def test_stream_progress(fake):
     c = _client(target)
     call = c.generate(_req(), on_progress=lambda s, t: seen.append((s, t)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
-    assert call.response.model == "fake"
+    assert call.model == "fake"
 
 
 def test_dead_server_fails_within_deadline():
@@ -238,7 +322,7 @@ def test_dead_server_fails_within_deadline():
 def test_empty_request_id_rejected(fake):
     _, target = fake
     with pytest.raises(ValueError, match="request_id"):
-        _client(target).generate(cloud_pb2.GenerateRequest(prompt="x"))
+        _client(target).generate(CloudRequest(request_id="", prompt="x"))
 
 
 def test_tls_and_mutual_tls(certs):
@@ -257,7 +341,7 @@ def test_tls_and_mutual_tls(certs):
         ca = str(certs / "ca.pem")
         mutual = _client(target, tls=True, ca_cert=ca, client_cert=str(certs / "client.pem"),
                          client_key=str(certs / "client.key"))  # fmt: skip
-        assert mutual.generate(_req()).response.model == "fake"
+        assert mutual.generate(_req()).model == "fake"
         assert servicer.metadata[0]["authorization"] == f"Bearer {TOKEN}"
         for bad in (
             _client(target, tls=True, ca_cert=ca, retries=0, deadline_s=2),
