@@ -5,6 +5,11 @@ Precedence, lowest to highest: the dataclass defaults, the TOML file, environmen
 token is read from an environment variable only (``ROUTET2I_TOKEN`` unless ``token_env`` names another):
 a token written in the file is refused, so it never lands in a repository or a backup by accident.
 
+`ClientConfig` is nested as the file is: the bundle keys are its own fields, and each ``[section]`` is a
+dataclass that checks its own fields (`CloudConfig`, `PolicyConfig`, `LogConfig`, `GenerationConfig`). The
+flat names (``deadline_s``, ``target_cloud_rate``, ...; `FLAT_FIELDS`) are the TOML keys inside their
+section, the ``ROUTET2I_*`` variables and the `EdgeClient` keywords, and still build and read a config.
+
 Example::
 
     router = "bundles/router"            # relative paths are relative to this file
