@@ -10,26 +10,30 @@ import sys
 from pathlib import Path
 
 from routet2i.cli import main as edge_generate
-from routet2i.training.demo import NOISE_NOTE, TABLE
+from routet2i.training.demo import CLOUD_COSTS, EDGE_MODEL, NOISE_NOTE, TABLE
 
 DEMO_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "demo_prompts.txt"
 
 
-def test_shipped_genai_bench_table_is_small_attributed_and_two_models():
-    """The one derived table in the repository: GenAI-Bench's 527 prompts for SD 2.1 and SDXL base only,
-    with its attribution and the Apache-2.0 license beside it."""
+def test_shipped_genai_bench_table_is_small_attributed_and_three_models():
+    """The one derived table in the repository: GenAI-Bench's 527 prompts for SD 2.1, SDXL base and DALL-E 3
+    only (the demo's edge model and its two cloud tiers), with its attribution and the Apache-2.0 license
+    beside it."""
     import csv
 
     rows = list(csv.DictReader(TABLE.open()))
-    assert {r["model"] for r in rows} == {"SDXL_2_1", "SDXL_Base"}
+    assert {r["model"] for r in rows} == {"SDXL_2_1", "SDXL_Base", "DALLE_3"} == {EDGE_MODEL, *CLOUD_COSTS}
     assert {r["dataset"] for r in rows} == {"genai_bench_527"}
     assert {r["metric"] for r in rows} == {"human_align_1to5_mean"}
-    assert len({r["prompt_id"] for r in rows}) == 527 and len(rows) == 2 * 527
+    # every prompt for every model, but one rating outside the 1-5 scale in the source (NOTICE says which)
+    assert len({r["prompt_id"] for r in rows}) == 527 and len(rows) == 3 * 527 - 1
+    assert {(r["prompt_id"], r["model"]) for r in rows}.isdisjoint({("00232", "DALLE_3")})
     assert all(1.0 <= float(r["value"]) <= 5.0 for r in rows)
     notice = TABLE.with_name("genai_bench_demo_NOTICE.txt").read_text()
     assert "GenAI-Bench" in notice and "Apache License" in notice and "t2v_metrics" in notice
+    assert all(name in notice for name in ("SDXL_2_1", "SDXL_Base", "DALLE_3"))
     assert "Apache License" in TABLE.with_name("genai_bench_LICENSE.txt").read_text()
-    assert TABLE.stat().st_size < 200_000
+    assert TABLE.stat().st_size < 250_000
 
 
 def test_demo_builds_once_routes_and_reports(tiny_models, tmp_path, capfd, monkeypatch):
@@ -55,29 +59,48 @@ def test_demo_builds_once_routes_and_reports(tiny_models, tmp_path, capfd, monke
         assert noise not in captured.stderr, noise
     assert (cache / "build.log").stat().st_size > 0  # the build's own output, kept
     lines = text.splitlines()
-    assert lines[0].split() == ["prompt", "PRS^", "alpha", "paced", "route", "reason", "seconds"]
+    assert lines[0].split() == ["prompt", "PRS^", "budget", "model", "units", "route", "reason", "seconds"]
     rows = lines[2 : 2 + len(demo_prompts)]
     assert len(rows) == len(demo_prompts) == 8
-    prs_values = []
+    prs_values, chosen, spent = [], [], 0
     for row in rows:
-        prs, alpha, paced, route, reason, seconds = row.split()[-6:]
-        assert float(paced) == 0.5  # the demo's target; its quota of 1000 is far from running out
-        assert 0.0 <= float(prs) <= 1.0 and 0.0 <= float(alpha) <= 1.0
+        prs, budget, model, units, route, reason, seconds = row.split()[-7:]
+        assert float(budget) == 1.0  # the demo's budget; its quota of 1000 units is far from running out
+        assert 0.0 <= float(prs) <= 1.0
         prs_values.append(float(prs))
-        gap = float(prs) - float(alpha)  # printed with 4 decimals: decide only away from the tie
-        if abs(gap) > 1e-4:
-            assert route == ("cloud" if gap < 0 else "edge")
+        chosen.append(model)
+        # the route follows the model, and the units are what the server charged for it
+        if route == "edge":
+            assert model == EDGE_MODEL and int(units) == 0
+        else:
+            assert route == "cloud" and int(units) == CLOUD_COSTS[model]
+        spent += int(units)
         assert reason == "router" and float(seconds) > 0
     # real routing: a router trained on GenAI-Bench ratings tells these prompts apart (the old demo's
-    # router, trained on noise images, gave every prompt 0.4999-0.5003)
+    # router, trained on noise images, gave every prompt 0.4999-0.5003) and the prompts do not all land
+    # on one model
     assert max(prs_values) - min(prs_values) > 0.03, prs_values
+    assert len(set(chosen)) >= 2, chosen
     routing = json.loads((cache / "bundles" / "router" / "routing.json").read_text())
     assert (routing["edge_model"], routing["cloud_model"], routing["dataset"]) == (
         "SDXL_2_1",
         "SDXL_Base",
         "genai_bench_527",
     )
-    assert NOISE_NOTE in text and "generated in the cloud" in text and "images are noise" in text
+    assert routing["models"] == [
+        {"name": "SDXL_2_1", "where": "edge", "cost": 0},
+        {"name": "SDXL_Base", "where": "cloud", "cost": 1},
+        {"name": "DALLE_3", "where": "cloud", "cost": 3},
+    ]
+    summary = lines[3 + len(demo_prompts)]
+    n_edge = chosen.count(EDGE_MODEL)
+    assert summary.startswith(f"{n_edge} on the edge ({EDGE_MODEL}), ")
+    assert (
+        f"{chosen.count('SDXL_Base')} SDXL_Base, {chosen.count('DALLE_3')} DALLE_3: {spent} cloud units"
+        in summary
+    )
+    assert f"cloud quota {1000 - spent}/1000 units left" in summary  # the server charged the units
+    assert NOISE_NOTE in text and "images are noise" in text
     assert len(list(out.glob("*.png"))) == len(demo_prompts)
     built = {p.name for p in cache.iterdir()}
     assert {"router-ckpt", "bundles", "ready.json"} <= built
@@ -93,7 +116,13 @@ def test_demo_builds_once_routes_and_reports(tiny_models, tmp_path, capfd, monke
     result = json.loads(captured.out)  # printed by the demo's subprocess
     assert "Warning" not in captured.err and "Loading pipeline components" not in captured.err
     assert (result["route"], result["reason"], result["output"]) == ("cloud", "forced", str(png))
-    assert result["quota"]["used"] == 1 and png.is_file()
+    # --force cloud: the router's best cloud model at the budget, charged its units by the server
+    assert result["model"] in CLOUD_COSTS and result["quota"]["used"] == CLOUD_COSTS[result["model"]]
+    assert png.is_file()
+    # --model names one: the cheap tier, one unit
+    assert edge_generate(["a red fox", "--demo", "--json", "--model", "SDXL_Base", "-o", str(png)]) == 0
+    result = json.loads(capfd.readouterr().out)
+    assert (result["route"], result["model"], result["quota"]["used"]) == ("cloud", "SDXL_Base", 1)
     assert (cache / "ready.json").stat().st_mtime == stamp  # cached: not rebuilt
 
 

@@ -3,15 +3,18 @@
 Built ONCE and cached (``$ROUTET2I_DEMO_CACHE`` or ``~/.cache/routet2i/demo-v2``):
 
 1. tiny SD2.1 / SD3 folders with the real architectures (`routet2i dev tiny-models`);
-2. a router (`routet2i train`, real all-MiniLM-L6-v2 backbone) trained on the table shipped beside this
-   file, ``genai_bench_demo.csv``: GenAI-Bench's 527 prompts with their human alignment ratings (3 raters,
-   1-5) for SD 2.1 (edge) and SDXL base (cloud), Apache-2.0 (attribution in
-   ``genai_bench_demo_NOTICE.txt``), and exported (`routet2i export router`);
+2. an N-model router (`routet2i train` with two ``--cloud-model``, real all-MiniLM-L6-v2 backbone) trained on
+   the table shipped beside this file, ``genai_bench_demo.csv``: GenAI-Bench's 527 prompts with their human
+   alignment ratings (3 raters, 1-5) for SD 2.1 (the edge model), SDXL base (a cheap cloud tier, 1 quota
+   unit per image) and DALL-E 3 (a dear one, 3 units), Apache-2.0 (attribution in
+   ``genai_bench_demo_NOTICE.txt``), exported with those costs (`routet2i export router --costs`);
 3. the edge bundle of the tiny SD2.1 (`routet2i export edge`).
 
-Each run then starts a loopback cloud server (tiny SD3, SQLite store in a temp folder) with a demo device and
-routes prompts through a real `EdgeClient`. The routing is real: PRS^ is what a router trained on human
-ratings predicts for SD 2.1 vs SDXL on each prompt. The images are not: tiny random-weight models make noise.
+Each run then starts a loopback cloud server serving two models (``--pipeline SDXL_Base=... --pipeline
+DALLE_3=...``: two tiny SD3 pipelines, one batcher each, charged 1 and 3 units; SQLite store in a temp folder)
+with a demo device and routes prompts through a real `EdgeClient` at a budget of `DEMO_BUDGET` units per
+prompt. The routing is real: for each prompt the router predicts each model's human rating and the policy
+picks the edge, SDXL base or DALL-E 3 at the budget. The images are not: tiny random-weight models make noise.
 
 Needs the full install (`pip install 'routet2i[all]'`): it trains and exports with torch. The workstation
 side of the project (the device package `routet2i` never imports it): ``routet2i dev demo --prompts FILE``
@@ -39,16 +42,21 @@ from routet2i._errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-RECIPE = "demo-v2"  # bump when the recipe changes: a new cache folder is built
+RECIPE = "demo-v3"  # bump when the recipe changes: a new cache folder is built
 TABLE = Path(__file__).with_name("genai_bench_demo.csv")  # derived from GenAI-Bench (Apache-2.0): see NOTICE
 DATASET = "genai_bench_527"
-EDGE_MODEL, CLOUD_MODEL = "SDXL_2_1", "SDXL_Base"  # GenAI-Bench's names: SDXL_2_1 is Stable Diffusion 2.1
+EDGE_MODEL = "SDXL_2_1"  # GenAI-Bench's name for Stable Diffusion 2.1
+# the cloud tiers and their quota units per image: SDXL base 1.0 (cheap) and DALL-E 3 (dear)
+CLOUD_COSTS = {"SDXL_Base": 1, "DALLE_3": 3}
+CLOUD_MODEL = next(iter(CLOUD_COSTS))  # the server's default model (a request that names none)
+DEMO_BUDGET = 1.0  # average cloud units per prompt
 DEMO_DEVICE = "demo-device"
 DEMO_QUOTA = 1000
 NOISE_NOTE = (
-    "note: the routing is real (a MiniLM router trained on GenAI-Bench human ratings of SD 2.1 vs SDXL, "
-    "527 prompts); the images are noise (tiny random-weight SD2.1 / SD3 stand-ins): the demo shows the "
-    "decisions and the machinery (router, policy, gRPC cloud, quotas, fallbacks), not image quality."
+    "note: the routing is real (a MiniLM router trained on GenAI-Bench human ratings of SD 2.1, SDXL base "
+    "and DALL-E 3 on 527 prompts); the images are noise (tiny random-weight SD2.1 / SD3 stand-ins for all "
+    "three): the demo shows the decisions and the machinery (router, policy, gRPC cloud, quotas in units, "
+    "fallbacks), not image quality."
 )
 
 
@@ -191,16 +199,24 @@ def _build_locked(root: Path, paths: dict[str, Path], stamp: Path, say: Any) -> 
             build_tiny_models(tmp)
     models = {"edge_pipeline": paths["models"] / "edge-sd21", "cloud_pipeline": paths["models"] / "cloud-sd3"}
     if not paths["router_ckpt"].exists():
-        say(f"demo: training the router on GenAI-Bench ratings ({EDGE_MODEL} = SD 2.1 vs {CLOUD_MODEL}) ...")
+        say(
+            f"demo: training the router on GenAI-Bench ratings ({EDGE_MODEL} = SD 2.1 on the edge; "
+            f"{', '.join(CLOUD_COSTS)} in the cloud) ..."
+        )
+        clouds = [arg for name in CLOUD_COSTS for arg in ("--cloud-model", name)]
         with _staged(paths["router_ckpt"]) as tmp:
             _routet2i(
                 ["train", "--table", str(paths["table"]), "--dataset", DATASET, "--edge-model", EDGE_MODEL,
-                 "--cloud-model", CLOUD_MODEL, "--out", str(tmp), "--force"]
+                 *clouds, "--out", str(tmp), "--force"]
             )  # fmt: skip
     if not paths["router"].exists():
         say("demo: exporting the router bundle ...")
+        costs = ",".join(f"{name}={units}" for name, units in CLOUD_COSTS.items())
         with _staged(paths["router"]) as tmp:
-            _routet2i(["export", "router", "--router", str(paths["router_ckpt"]), "--out", str(tmp)])
+            _routet2i(
+                ["export", "router", "--router", str(paths["router_ckpt"]), "--out", str(tmp), "--costs", costs,
+                 "--budget", str(DEMO_BUDGET)]
+            )  # fmt: skip
     if not paths["edge"].exists():
         say("demo: exporting the edge bundle ...")
         with _staged(paths["edge"]) as tmp:
@@ -215,7 +231,8 @@ def _build_locked(root: Path, paths: dict[str, Path], stamp: Path, say: Any) -> 
 def demo_client(
     cache_dir: Path | None = None, *, quota: int = DEMO_QUOTA, quiet: bool = False, **overrides: Any
 ) -> Iterator[Any]:
-    """A ready `EdgeClient` on the demo bundles, talking to a loopback cloud server started for it."""
+    """A ready `EdgeClient` on the demo bundles, talking to a loopback cloud server started for it: two cloud
+    models (`CLOUD_COSTS`, each a tiny SD3 pipeline with its own batcher), the demo device's quota in units."""
     from routet2i.client import EdgeClient
     from routet2i.cloud_server.servicer import BackgroundServer
     from routet2i.cloud_server.store import open_store
@@ -225,9 +242,12 @@ def demo_client(
         store = open_store(f"sqlite:///{Path(work) / 'quota.db'}")
         token = store.add_device(DEMO_DEVICE, quota, "day")
         with _hush(Path(work) / "server.log"):  # diffusers' loading bars and notices of the tiny SD3
-            server = BackgroundServer(store, str(built["cloud_pipeline"]))
+            pipelines = {name: str(built["cloud_pipeline"]) for name in CLOUD_COSTS}  # loaded once per model
+            server = BackgroundServer(store, pipelines, costs=CLOUD_COSTS)
         try:
-            options = {"target_cloud_rate": 0.5, **{k: v for k, v in overrides.items() if v is not None}}
+            options = {k: v for k, v in overrides.items() if v is not None}
+            if "budget" not in options and "target_cloud_rate" not in options:
+                options["budget"] = DEMO_BUDGET
             options.setdefault("state_file", "")  # fresh pacing state every run
             options.setdefault("decision_log", str(Path(work) / "decisions.jsonl"))
             client = EdgeClient(
@@ -254,42 +274,54 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def run_table(prompts: Sequence[str], out_dir: Path | None, steps: int, cache_dir: Path | None) -> list[Any]:
-    """Route every prompt and print the table prompt | PRS^ | alpha | paced | route | reason | seconds
-    (paced: the cloud rate targeted after quota-aware pacing)."""
+    """Route every prompt and print the table prompt | PRS^ | budget | model | units | route | reason |
+    seconds (PRS^: the edge's predicted superiority over the first cloud model, SDXL base; budget: the units
+    per prompt targeted after quota-aware pacing; units: what the cloud charged for the image)."""
     from routet2i.cli import save_png_atomic  # the training side may use the device's CLI helpers
 
     results = []
     with demo_client(cache_dir) as client:
-        w = max(len(p) for p in prompts)
-        w = min(w, 60)
-        print(
-            f"{'prompt':<{w}}  {'PRS^':>7}  {'alpha':>7}  {'paced':>6}  {'route':<5}  {'reason':<17}  {'seconds':>7}"
+        w = min(max(len(p) for p in prompts), 60)
+        m = max(len(n) for n in [EDGE_MODEL, *CLOUD_COSTS])
+        head = (
+            f"{'prompt':<{w}}  {'PRS^':>7}  {'budget':>6}  {'model':<{m}}  {'units':>5}  {'route':<5}  "
+            f"{'reason':<17}  {'seconds':>7}"
         )
-        print("-" * (w + 62))
+        print(head)
+        print("-" * len(head))
         for i, prompt in enumerate(prompts):
             r = client.generate(prompt, seed=i, num_inference_steps=steps)
             results.append(r)
             shown = prompt if len(prompt) <= w else prompt[: w - 3] + "..."
             prs = "n/a" if r.prs is None else f"{r.prs:.4f}"
-            alpha = "n/a" if r.alpha is None else f"{r.alpha:.4f}"
             paced = "n/a" if r.paced_rate is None else f"{r.paced_rate:.3f}"
+            model = r.model if r.route == "cloud" else EDGE_MODEL  # the router's name for the edge model
             print(
-                f"{shown:<{w}}  {prs:>7}  {alpha:>7}  {paced:>6}  {r.route:<5}  {r.reason:<17}  "
-                f"{r.timings['total']:>7.2f}"
+                f"{shown:<{w}}  {prs:>7}  {paced:>6}  {model:<{m}}  {r.cost or 0:>5g}  {r.route:<5}  "
+                f"{r.reason:<17}  {r.timings['total']:>7.2f}"
             )
             if out_dir is not None:
-                save_png_atomic(r.image, out_dir / f"{i:02d}-{r.route}.png")
-        n_cloud = sum(r.route == "cloud" for r in results)
-        q = results[-1].quota if results else None
-        print("-" * (w + 62))
-        print(
-            f"{n_cloud}/{len(results)} generated in the cloud (target cloud rate {client.policy.target_rate}); "
-            + (f"cloud quota {q['remaining']}/{q['limit']} left" if q else "quota unknown")
-        )
+                save_png_atomic(r.image, out_dir / f"{i:02d}-{r.route}-{model}.png")
+        print("-" * len(head))
+        print(_summary(results, results[-1].target_rate if results else None))
     print(NOISE_NOTE)
     if out_dir is not None:
         print(f"images in {out_dir}/")
     return results
+
+
+def _summary(results: Sequence[Any], budget: float | None) -> str:
+    """'3 on the edge (SDXL_2_1), 3 SDXL_Base, 2 DALLE_3: 9 units, 1.12 per prompt (budget 1.0); ...'"""
+    n = len(results)
+    counts = {name: sum(r.route == "cloud" and r.model == name for r in results) for name in CLOUD_COSTS}
+    units = sum(r.cost or 0 for r in results)
+    q = results[-1].quota if results else None
+    return (
+        f"{sum(r.route == 'edge' for r in results)} on the edge ({EDGE_MODEL}), "
+        + ", ".join(f"{k} {name}" for name, k in counts.items())
+        + f": {units:g} cloud units, {units / max(n, 1):.2f} per prompt (budget {budget}); "
+        + (f"cloud quota {q['remaining']}/{q['limit']} units left" if q else "quota unknown")
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -323,7 +355,7 @@ def edge_generate(argv: Sequence[str]) -> int:
     VERBOSE = args.verbose
 
     def with_demo_client(run_with: Any) -> Any:
-        with demo_client(target_cloud_rate=args.target_rate) as client:
+        with demo_client(target_cloud_rate=args.target_rate, budget=args.budget) as client:
             return run_with(client)
 
     rc = cli.main_with(args, client_factory=with_demo_client)
