@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routet2i._errors import CloudError, CloudUnavailable, GenerationCancelled, QuotaExhausted, UsageError
-from routet2i.config import FLAT_FIELDS, SECTIONS, ClientConfig, load_config
+from routet2i.config import FLAT_FIELDS, SECTIONS, ClientConfig, CloudConfig, load_config
 from routet2i.decision_log import DecisionLog
 from routet2i.policy import Decision, DeviceState, QuotaInfo, RoutingPolicy, exhaustion_end
 from routet2i.progress import ProgressEvent
@@ -273,7 +273,7 @@ class EdgeClient:
         self,
         router: str | Path | None = None,
         edge: str | Path | None = None,
-        cloud: str | None = None,
+        cloud: str | CloudConfig | None = None,
         token: str | None = None,
         target_cloud_rate: float | None = None,
         *,
@@ -282,10 +282,11 @@ class EdgeClient:
         rng: random.Random | None = None,
         **options: Any,
     ) -> None:
-        """Either the bundles and endpoint as arguments (plus any `ClientConfig` field in ``options``), or a
-        ready ``config``. Bundles are loaded (and their manifests verified) here, once. ``router`` may also be
-        a ready object with ``predict_one(prompt) -> (prs, scores)`` and ``routing``, and ``edge`` any
-        callable with `routet2i.edge_pipeline.EdgePipeline`'s signature."""
+        """Either the bundles and endpoint as arguments (plus, in ``options``, any flat `ClientConfig` option
+        such as ``deadline_s=30`` or a section such as ``policy=PolicyConfig(...)``; ``cloud`` is the endpoint
+        or a `CloudConfig`), or a ready ``config``. Bundles are loaded (and their manifests verified) here,
+        once. ``router`` may also be a ready object with ``predict_one(prompt) -> (prs, scores)`` and
+        ``routing``, and ``edge`` any callable with `routet2i.edge_pipeline.EdgePipeline`'s signature."""
         if config is None:
             given = {"router": _as_path(router), "edge": _as_path(edge), "cloud": cloud, "token": token}
             given["target_cloud_rate"] = target_cloud_rate
