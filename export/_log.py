@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from collections.abc import Iterator
 
 __all__ = ["cli_progress"]
@@ -26,7 +27,29 @@ class _ToRoot(logging.Handler):
 
 
 @contextlib.contextmanager
+def _quiet_third_party() -> Iterator[None]:
+    """Without -v: the warnings torch, transformers and the ONNX exporters print while exporting (TracerWarning,
+    FutureWarning, the legacy exporter's DeprecationWarning, torch's "W... torchvision is not installed" log
+    lines) are not shown; routet2i's own log records (it logs, it does not warn) and every ERROR still are."""
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    import torch  # noqa: F401 - imported first: importing torch (re)configures its loggers
+
+    torch_log = logging.getLogger("torch")
+    saved = torch_log.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # routet2i itself logs; its warnings are records, shown as before
+        torch_log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            torch_log.setLevel(saved)
+
+
+@contextlib.contextmanager
 def cli_progress(name: str = "routet2i.export") -> Iterator[None]:
+    """INFO records of ``name`` as plain lines on stdout; third-party warnings hidden unless -v."""
     log = logging.getLogger(name)
     out = logging.StreamHandler(sys.stdout)
     out.setFormatter(logging.Formatter("%(message)s"))
@@ -38,7 +61,8 @@ def cli_progress(name: str = "routet2i.export") -> Iterator[None]:
     log.addHandler(out)
     log.addHandler(forward)
     try:
-        yield
+        with _quiet_third_party():
+            yield
     finally:
         log.removeHandler(out)
         log.removeHandler(forward)

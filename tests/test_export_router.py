@@ -258,3 +258,21 @@ def test_cli_shows_the_progress_the_library_logs(router_dir: Path, tmp_path: Pat
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "[export router] 1/5 load" in out and f"[export router] bundle {tmp_path / 'b'}" in out
+
+
+def test_cli_hides_third_party_warnings_unless_verbose(router_dir: Path, tmp_path: Path) -> None:
+    """`routet2i export router` without -v: the progress lines only, none of the TracerWarning /
+    DeprecationWarning / "W... torchvision is not installed" lines torch's two exporters print (a fresh
+    process: warnings already shown once in this one would not show again)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "routet2i.training.cli", "export", "router", "--router", str(router_dir),
+         "--out", str(tmp_path / "b"), "--exporter", "auto"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "[export router] 5/5 manifest" in proc.stdout
+    for line in (proc.stdout + proc.stderr).splitlines():
+        assert "Warning" not in line and not line.startswith(("W0", "W1")), line

@@ -1,6 +1,6 @@
 """The demo: the whole product on one machine in a few minutes, with a router whose decisions are real.
 
-Built ONCE and cached (``$ROUTET2I_DEMO_CACHE`` or ``~/.cache/routet2i/demo-v2``):
+Built ONCE and cached (``$ROUTET2I_DEMO_CACHE`` or ``~/.cache/routet2i/demo-v3``):
 
 1. tiny SD2.1 / SD3 folders with the real architectures (`routet2i dev tiny-models`);
 2. an N-model router (`routet2i train` with two ``--cloud-model``, real all-MiniLM-L6-v2 backbone) trained on
