@@ -69,7 +69,7 @@ def test_demo_builds_once_routes_and_reports(tiny_models, tmp_path, capfd, monke
         assert 0.0 <= float(prs) <= 1.0
         prs_values.append(float(prs))
         chosen.append(model)
-        # the route follows the model, and the units are what the server charged for it
+        # the route follows the model and the units are its cost (the quota line below: the server charged them)
         if route == "edge":
             assert model == EDGE_MODEL and int(units) == 0
         else:

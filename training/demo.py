@@ -276,7 +276,8 @@ def _read_prompts(path: Path) -> list[str]:
 def run_table(prompts: Sequence[str], out_dir: Path | None, steps: int, cache_dir: Path | None) -> list[Any]:
     """Route every prompt and print the table prompt | PRS^ | budget | model | units | route | reason |
     seconds (PRS^: the edge's predicted superiority over the first cloud model, SDXL base; budget: the units
-    per prompt targeted after quota-aware pacing; units: what the cloud charged for the image)."""
+    per prompt targeted after quota-aware pacing; units: the chosen model's cost in quota units, 0 on the edge;
+    the summary's quota line is what the server charged)."""
     from routet2i.cli import save_png_atomic  # the training side may use the device's CLI helpers
 
     results = []
