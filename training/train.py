@@ -552,29 +552,10 @@ def _run_multitask(args: argparse.Namespace, pair, weights: np.ndarray, cfg: Tra
     """The default router: fit on every prompt; calibrate on out-of-fold predictions of the whole file."""
     import time
 
-    from routet2i.training.multitask import (
-        CALIBRATION_FOLDS,
-        MultiTaskConfig,
-        fit_and_calibrate,
-        layer_mean,
-        pooled_layer_states,
-    )
+    from routet2i.training.multitask import CALIBRATION_FOLDS, fit_and_calibrate
 
     t0 = time.perf_counter()
-    x = layer_mean(
-        pooled_layer_states(pair.prompts, args.backbone, args.max_length, cache_dir=args.cache_dir)
-    )
-    mcfg = MultiTaskConfig(
-        metrics=list(pair.metrics),
-        weights=[float(w) for w in weights],
-        backbone=args.backbone,
-        hidden_size=int(x.shape[1]),
-        max_length=args.max_length,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-    )
-    if args.epochs is not None:
-        mcfg = replace(mcfg, epochs=args.epochs)
+    x, mcfg = multitask_features_config(pair, weights, args, cfg)
     idx = np.arange(len(pair))
     # One thread: small matrices and MLP steps; more threads mostly add synchronization (several times
     # slower on a loaded 2-core machine), as in `routet2i eval`.
@@ -666,11 +647,11 @@ def _run_nmodel(args: argparse.Namespace, pair, weights: np.ndarray, cfg: TrainC
     return 0
 
 
-def nmodel_features_config(data, weights, args: argparse.Namespace, cfg: TrainConfig):
-    """(layer-mean pooled features [n, d], MultiTaskConfig with the N-model heads) of ``data``."""
+def multitask_features_config(pair, weights, args: argparse.Namespace, cfg: TrainConfig, **heads: Any):
+    """(layer-mean pooled features [n, d], MultiTaskConfig) of ``pair``'s prompts for the multitask
+    router; ``heads``: more MultiTaskConfig fields (the N-model heads)."""
     from routet2i.training.multitask import MultiTaskConfig, layer_mean, pooled_layer_states
 
-    pair = data.pair
     x = layer_mean(
         pooled_layer_states(pair.prompts, args.backbone, args.max_length, cache_dir=args.cache_dir)
     )
@@ -682,9 +663,15 @@ def nmodel_features_config(data, weights, args: argparse.Namespace, cfg: TrainCo
         max_length=args.max_length,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
-        models=list(data.models),
-        model_columns=list(data.columns),
+        **heads,
     )
     if getattr(args, "epochs", None) is not None:
         mcfg = replace(mcfg, epochs=args.epochs)
     return x, mcfg
+
+
+def nmodel_features_config(data, weights, args: argparse.Namespace, cfg: TrainConfig):
+    """(layer-mean pooled features [n, d], MultiTaskConfig with the N-model heads) of ``data``."""
+    return multitask_features_config(
+        data.pair, weights, args, cfg, models=list(data.models), model_columns=list(data.columns)
+    )
